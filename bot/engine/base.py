@@ -1,0 +1,178 @@
+"""What the bot asks of an inference engine: a conversation in, an async stream of text out."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+Role = Literal["user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation; a user turn may carry images (RGB PIL images)."""
+
+    role: Role
+    text: str
+    images: tuple[Image.Image, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to generate. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    # Keep generating past the end-of-sequence token (benchmarks and tests need fixed lengths).
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class EngineError(RuntimeError):
+    """A failure worth telling the person about; ``str(error)`` is a plain sentence."""
+
+
+class ContextTooLong(EngineError):
+    """The prompt does not fit the model's context window."""
+
+
+@dataclass
+class GenerationStats:
+    """Timings of one finished generation (seconds, monotonic clock)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    started: float = 0.0
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.started
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        if self.first_token is None or self.finished is None or self.new_tokens < 2:
+            return None
+        elapsed = self.finished - self.first_token
+        return (self.new_tokens - 1) / elapsed if elapsed > 0 else None
+
+
+_DONE = object()
+
+
+class TextStream:
+    """An async iterator over the text pieces of one generation, fed from a worker thread.
+
+    The worker calls :meth:`push` for every piece and :meth:`finish` once; :meth:`cancel` (from the
+    event loop) raises a flag the worker polls after every token, so generation stops within a token
+    or two and the engine is free for the next request.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self.stats = GenerationStats()
+        self.done = loop.create_future()
+
+    # --- worker-thread side -------------------------------------------------------------------
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def push(self, piece: str) -> None:
+        if piece:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        def _finish() -> None:
+            self._queue.put_nowait(error if error is not None else _DONE)
+            if not self.done.done():
+                self.done.set_result(None)
+
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody is listening
+            self._loop.call_soon_threadsafe(_finish)
+
+    # --- event-loop side ----------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Ask generation to stop; the stream then ends after at most a few more pieces."""
+        self._cancelled.set()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, str)
+                yield item
+        finally:
+            # Leaving the loop early (break, exception, task cancelled) must free the engine.
+            self.cancel()
+
+    async def text(self) -> str:
+        """Collect the whole answer."""
+        return "".join([piece async for piece in self])
+
+
+class Engine(abc.ABC):
+    """A loaded model folder that turns conversations into streams of text."""
+
+    name: str = "engine"
+
+    def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
+        self.model_dir = model_dir
+        self.device = device
+        self.ov_config = dict(ov_config or {})
+
+    @abc.abstractmethod
+    def generate(self, conversation: Sequence[Turn], settings: GenerationSettings) -> TextStream:
+        """Start generating the assistant's next turn; must be called on the event loop."""
+
+    @abc.abstractmethod
+    def count_prompt_tokens(self, conversation: Sequence[Turn]) -> int:
+        """Tokens the rendered prompt takes, images included (used to fit history in the context)."""
+
+    @property
+    @abc.abstractmethod
+    def context_window(self) -> int:
+        """Maximum number of tokens (prompt and answer) the language model handles."""
+
+    def close(self) -> None:  # noqa: B027 - engines without resources need nothing here
+        """Free the model; called once no stream uses it any more."""
+
+
+def start_worker(name: str, target: Callable[[], None]) -> threading.Thread:
+    """Run blocking inference on a daemon thread so the event loop never waits for it."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+@dataclass
+class EngineOptions:
+    """Everything needed to load an engine for one precision folder."""
+
+    kind: Literal["genai", "optimum"] = "genai"
+    device: str = "CPU"
+    ov_config: dict[str, str] = field(default_factory=dict)

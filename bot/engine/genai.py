@@ -1,0 +1,105 @@
+"""The openvino-genai engine: ``VLMPipeline`` running on its own worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
+from bot.engine.template import ChatTemplate
+
+log = logging.getLogger(__name__)
+
+
+def image_tensor(image: object) -> object:
+    """A PIL image as the uint8 HWC tensor openvino-genai expects."""
+    import openvino as ov
+
+    return ov.Tensor(np.ascontiguousarray(np.asarray(image, dtype=np.uint8)))
+
+
+class GenaiEngine(Engine):
+    """openvino-genai's VLMPipeline; one generation at a time, on a dedicated thread."""
+
+    name = "genai"
+
+    def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
+        super().__init__(model_dir, device, ov_config)
+        import openvino_genai
+
+        self._genai = openvino_genai
+        self.template = ChatTemplate(model_dir)
+        self.pipeline = openvino_genai.VLMPipeline(model_dir, device, **self.ov_config)
+        # One worker: the pipeline holds one KV cache, so requests must take turns.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genai")
+
+    @property
+    def context_window(self) -> int:
+        return self.template.context_window
+
+    def count_prompt_tokens(self, conversation: Sequence[Turn]) -> int:
+        return self.template.count_tokens(conversation)
+
+    def _config(self, settings: GenerationSettings) -> object:
+        config = self._genai.GenerationConfig()
+        config.max_new_tokens = settings.max_new_tokens
+        config.ignore_eos = settings.ignore_eos
+        config.apply_chat_template = False  # the prompt is already rendered with the model's template
+        if settings.greedy:
+            config.do_sample = False
+        else:
+            config.do_sample = True
+            config.temperature = settings.temperature
+            config.top_p = settings.top_p
+        return config
+
+    def prompt(self, conversation: Sequence[Turn]) -> tuple[str, list[object]]:
+        """The rendered prompt with genai's image tags where the template put image tokens."""
+        text, images = self.template.render(conversation)
+        parts = text.split(self.template.image_token)
+        if len(parts) - 1 != len(images):
+            raise EngineError("The chat template placed a different number of images than were given.")
+        tagged = parts[0] + "".join(f"<ov_genai_image_{i}>{part}" for i, part in enumerate(parts[1:]))
+        return tagged, [image_tensor(image) for image in images]
+
+    def generate(self, conversation: Sequence[Turn], settings: GenerationSettings) -> TextStream:
+        stream = TextStream(asyncio.get_running_loop())
+        config = self._config(settings)
+        status = self._genai.StreamingStatus
+
+        def on_text(piece: str) -> object:
+            if stream.stats.first_token is None:
+                stream.stats.first_token = time.monotonic()
+            stream.push(piece)
+            return status.STOP if stream.cancelled else status.RUNNING
+
+        def work() -> None:
+            if stream.cancelled:  # cancelled while waiting for the worker
+                stream.finish()
+                return
+            stream.stats.started = time.monotonic()
+            try:
+                # Rendering and image conversion happen here too: they would otherwise stall the loop.
+                prompt, images = self.prompt(conversation)
+                result = self.pipeline.generate(prompt, images=images, generation_config=config, streamer=on_text)
+                metrics = result.perf_metrics
+                stream.stats.prompt_tokens = int(metrics.get_num_input_tokens())
+                stream.stats.new_tokens = int(metrics.get_num_generated_tokens())
+            except Exception as error:
+                log.exception("Generation failed in %s", self.model_dir)
+                stream.finish(EngineError(f"The model failed while answering ({error.__class__.__name__})."))
+                return
+            stream.stats.finished = time.monotonic()
+            stream.finish()
+
+        self._executor.submit(work)
+        return stream
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        del self.pipeline

@@ -1,0 +1,108 @@
+"""Owns the loaded engine: loads a precision variant, switches variants at run time, closes them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from bot.engine import variants
+from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
+
+log = logging.getLogger(__name__)
+
+EngineKind = Literal["genai", "optimum"]
+ENGINE_KINDS: tuple[EngineKind, ...] = ("genai", "optimum")
+
+
+def load_engine(kind: str, folder: Path, device: str = "CPU", ov_config: dict[str, str] | None = None) -> Engine:
+    """Load one precision folder with the named engine (blocking: call it off the event loop)."""
+    if not variants.is_complete(folder):
+        raise EngineError(f"Cannot load the model: {variants.describe_missing(folder)}.")
+    if kind == "genai":
+        from bot.engine.genai import GenaiEngine
+
+        return GenaiEngine(str(folder), device, ov_config)
+    if kind == "optimum":
+        from bot.engine.optimum import OptimumEngine
+
+        return OptimumEngine(str(folder), device, ov_config)
+    raise EngineError(f"Unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}.")
+
+
+class ModelManager:
+    """The bot-wide model: one precision loaded at a time, switchable without a restart.
+
+    A switch loads the new variant beside the old one, then swaps; requests already streaming
+    finish on the old variant, which is closed once the last of them ends.
+    """
+
+    def __init__(
+        self, model_dir: Path, kind: str = "genai", device: str = "CPU", ov_config: dict[str, str] | None = None
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.kind = kind
+        self.device = device
+        self.ov_config = dict(ov_config or {})
+        self.precision: str | None = None
+        self._engine: Engine | None = None
+        self._in_flight: dict[int, int] = {}
+        self._switch_lock = asyncio.Lock()
+
+    def available(self) -> list[str]:
+        """Complete precision variants under the model folder."""
+        return variants.available(self.model_dir)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise EngineError("The model is not loaded yet.")
+        return self._engine
+
+    async def switch(self, precision: str) -> None:
+        """Load ``precision`` and make it the one new requests use."""
+        precision = variants.normalise_precision(precision)
+        async with self._switch_lock:
+            if precision == self.precision and self._engine is not None:
+                return
+            folder = self.model_dir / precision
+            log.info("Loading %s (%s engine on %s)", folder, self.kind, self.device)
+            engine = await asyncio.to_thread(load_engine, self.kind, folder, self.device, self.ov_config)
+            old, self._engine, self.precision = self._engine, engine, precision
+            if old is not None:
+                self._retire(old)
+
+    def _retire(self, engine: Engine) -> None:
+        if self._in_flight.get(id(engine), 0) == 0:
+            self._in_flight.pop(id(engine), None)
+            asyncio.get_running_loop().run_in_executor(None, engine.close)
+
+    def generate(self, conversation: Sequence[Turn], settings: GenerationSettings) -> TextStream:
+        """Start a generation on the current variant; it keeps that variant until it ends."""
+        engine = self.engine
+        stream = engine.generate(conversation, settings)
+        key = id(engine)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+
+        def _done(_: object) -> None:
+            self._in_flight[key] -= 1
+            if engine is not self._engine:
+                self._retire(engine)
+
+        stream.done.add_done_callback(_done)
+        return stream
+
+    def count_prompt_tokens(self, conversation: Sequence[Turn]) -> int:
+        return self.engine.count_prompt_tokens(conversation)
+
+    @property
+    def context_window(self) -> int:
+        return self.engine.context_window
+
+    async def close(self) -> None:
+        """Close the current engine (at shutdown, after requests were cancelled)."""
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await asyncio.to_thread(engine.close)

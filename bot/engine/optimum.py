@@ -1,0 +1,96 @@
+"""The reference engine: Optimum Intel's ``OVModelForVisualCausalLM`` with transformers' generate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
+from bot.engine.template import ChatTemplate
+
+log = logging.getLogger(__name__)
+
+
+class OptimumEngine(Engine):
+    """Optimum Intel's pipeline: one stateful infer request, so one generation at a time."""
+
+    name = "optimum"
+
+    def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
+        super().__init__(model_dir, device, ov_config)
+        from optimum.intel import OVModelForVisualCausalLM
+
+        self.template = ChatTemplate(model_dir)
+        self.model: Any = OVModelForVisualCausalLM.from_pretrained(
+            model_dir, device=device, ov_config=self.ov_config or None
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optimum")
+
+    @property
+    def context_window(self) -> int:
+        return self.template.context_window
+
+    def count_prompt_tokens(self, conversation: Sequence[Turn]) -> int:
+        return self.template.count_tokens(conversation)
+
+    def generate(self, conversation: Sequence[Turn], settings: GenerationSettings) -> TextStream:
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+        stream = TextStream(asyncio.get_running_loop())
+
+        class _Streamer(TextStreamer):
+            # TextStreamer holds back partial words until they decode cleanly; we forward what it releases.
+            def put(self, value: Any) -> None:
+                if not self.next_tokens_are_prompt:
+                    if stream.stats.first_token is None:
+                        stream.stats.first_token = time.monotonic()
+                    stream.stats.new_tokens += int(value.numel())
+                super().put(value)
+
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                stream.push(text)
+
+        class _StopWhenCancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                import torch
+
+                return torch.full((input_ids.shape[0],), stream.cancelled, dtype=torch.bool)
+
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": not settings.greedy,
+            "streamer": _Streamer(self.template.tokenizer, skip_prompt=True, skip_special_tokens=True),
+            "stopping_criteria": StoppingCriteriaList([_StopWhenCancelled()]),
+        }
+        if not settings.greedy:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        if settings.ignore_eos:
+            kwargs["min_new_tokens"] = settings.max_new_tokens
+
+        def work() -> None:
+            if stream.cancelled:
+                stream.finish()
+                return
+            stream.stats.started = time.monotonic()
+            try:
+                # Image preprocessing runs here, off the event loop.
+                inputs = self.template.inputs(conversation)
+                stream.stats.prompt_tokens = int(inputs["input_ids"].shape[-1])
+                self.model.generate(**inputs, **kwargs)
+            except Exception as error:
+                log.exception("Generation failed in %s", self.model_dir)
+                stream.finish(EngineError(f"The model failed while answering ({error.__class__.__name__})."))
+                return
+            stream.stats.finished = time.monotonic()
+            stream.finish()
+
+        self._executor.submit(work)
+        return stream
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        del self.model
