@@ -116,9 +116,7 @@ async def _chat(args: argparse.Namespace) -> int:
     if not variants.is_complete(folder):
         raise CliError(f"{variants.describe_missing(folder)}. To create it, run: {_convert_hint(folder)}")
     images = [_load_image(p) for p in args.image]
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
-    )
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     started = time.monotonic()
     try:
         engine = await asyncio.to_thread(load_engine, args.engine, folder, args.device, _ov_config(args.ov_config))
@@ -250,8 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``llava-bot`` and ``python -m bot``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The terminal chat keeps stderr for its own short status lines; long-running commands log progress.
+    quiet = args.command in {"chat", "db"}
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

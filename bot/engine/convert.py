@@ -159,7 +159,7 @@ def _compress(fp16: Path, partial: Path, precision: str, progress: Progress) -> 
     model = ov.Core().read_model(fp16 / f"{LANGUAGE_MODEL}.xml")
     kwargs = dict(recipe)
     kwargs["mode"] = getattr(nncf.CompressWeightsMode, str(recipe["mode"]))
-    compressed = nncf.compress_weights(model, **kwargs)  # type: ignore[arg-type]
+    compressed = nncf.compress_weights(model, **kwargs)
     ov.save_model(compressed, partial / f"{LANGUAGE_MODEL}.xml")
     return recipe
 

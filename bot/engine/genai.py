@@ -35,6 +35,10 @@ class GenaiEngine(Engine):
         self._genai = openvino_genai
         self.template = ChatTemplate(model_dir)
         self.pipeline = openvino_genai.VLMPipeline(model_dir, device, **self.ov_config)
+        config = self.template.processor.image_processor
+        # LLaVA-1.5 sees one fixed square crop. Resizing and cropping with the model's own processor makes
+        # genai's (differently rounded) resize a no-op, so both engines see exactly the same pixels.
+        self._pre_crop = self.template.model_type == "llava" and bool(getattr(config, "do_center_crop", False))
         # One worker: the pipeline holds one KV cache, so requests must take turns.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genai")
 
@@ -64,7 +68,14 @@ class GenaiEngine(Engine):
         parts = text.split(self.template.image_token)
         if len(parts) - 1 != len(images):
             raise EngineError("The chat template placed a different number of images than were given.")
-        tagged = parts[0] + "".join(f"<ov_genai_image_{i}>{part}" for i, part in enumerate(parts[1:]))
+        # genai writes a newline after every image's tokens itself; the template's own would be a second one.
+        tails = [part.removeprefix("\n") for part in parts[1:]]
+        tagged = parts[0] + "".join(f"<ov_genai_image_{i}>{tail}" for i, tail in enumerate(tails))
+        if self._pre_crop and images:
+            pixels = self.template.processor.image_processor(
+                images, do_normalize=False, do_rescale=False, return_tensors="np"
+            )["pixel_values"]
+            return tagged, [image_tensor(np.asarray(p, dtype=np.uint8).transpose(1, 2, 0)) for p in pixels]
         return tagged, [image_tensor(image) for image in images]
 
     def generate(self, conversation: Sequence[Turn], settings: GenerationSettings) -> TextStream:
@@ -101,5 +112,6 @@ class GenaiEngine(Engine):
         return stream
 
     def close(self) -> None:
+        # Waits for the generation in progress (if any) so the model is never freed under it.
         self._executor.shutdown(wait=True)
-        del self.pipeline
+        self.pipeline = None

@@ -49,6 +49,7 @@ class ModelManager:
         self.precision: str | None = None
         self._engine: Engine | None = None
         self._in_flight: dict[int, int] = {}
+        self._closing: set[Engine] = set()
         self._switch_lock = asyncio.Lock()
 
     def available(self) -> list[str]:
@@ -75,7 +76,9 @@ class ModelManager:
                 self._retire(old)
 
     def _retire(self, engine: Engine) -> None:
-        if self._in_flight.get(id(engine), 0) == 0:
+        # Called at the switch and again as each of its streams ends; the last one closes it.
+        if self._in_flight.get(id(engine), 0) == 0 and engine not in self._closing:
+            self._closing.add(engine)
             self._in_flight.pop(id(engine), None)
             asyncio.get_running_loop().run_in_executor(None, engine.close)
 

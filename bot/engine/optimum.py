@@ -92,5 +92,6 @@ class OptimumEngine(Engine):
         return stream
 
     def close(self) -> None:
+        # Waits for the generation in progress (if any) so the model is never freed under it.
         self._executor.shutdown(wait=True)
-        del self.model
+        self.model = None

@@ -24,6 +24,7 @@ class ChatTemplate:
         self.tokenizer: Any = self.processor.tokenizer
         self.image_token: str = getattr(self.processor, "image_token", "<image>")
         config = AutoConfig.from_pretrained(str(model_dir))
+        self.model_type: str = str(config.model_type)
         text_config = getattr(config, "text_config", config)
         self.context_window: int = int(getattr(text_config, "max_position_embeddings", 4096))
 

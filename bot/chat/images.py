@@ -1,0 +1,204 @@
+"""Image intake: download an attachment with a byte cap, validate it, and normalise it for the model.
+
+Everything here treats the upload as hostile: the size is checked before reading further, the format
+is taken from the content (never the file name), and the pixel count is checked from the header
+before any pixel is decoded, so a small file that expands to gigabytes is turned away cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import aiohttp
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+# --- what the person reads -------------------------------------------------------------------------
+NOT_AN_IMAGE = "That file isn't an image I can read (PNG, JPEG, WebP, GIF or BMP)."
+TOO_LARGE = "That image is too large ({size}; the limit is {limit})."
+TOO_LARGE_UNKNOWN = "That image is too large (the limit is {limit})."
+TOO_MANY_PIXELS = "That image has too many pixels ({width}×{height}; the limit is {limit} megapixels)."
+TOO_MANY_PIXELS_UNKNOWN = "That image has too many pixels (the limit is {limit} megapixels)."
+DAMAGED = "That image is damaged and can't be opened."
+DOWNLOAD_FAILED = "I couldn't download that image; please try sending it again."
+
+# Pillow's format names for what we accept. Phone cameras often write JPEGs with a second
+# (depth or preview) picture, which Pillow's JPEG reader reports as MPO; its first frame is the photo.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_DETECTED_FORMATS = {*ACCEPTED_FORMATS, "MPO"}
+
+# JPEG rather than PNG for what we store: photos dominate, and a 2048 px photo is several MB as PNG but
+# a few hundred kB as JPEG, which matters because every stored turn is kept in the history database and
+# re-read on follow-ups. The model looks at 336-672 px, where quality-92 artefacts are invisible; full
+# chroma resolution (no 4:2:0 subsampling) keeps thin coloured text in screenshots legible.
+STORED_MIME = "image/jpeg"
+_JPEG_OPTIONS: dict[str, object] = {"quality": 92, "subsampling": 0}
+_WHITE = (255, 255, 255)
+_MB = 1024 * 1024
+_DOWNLOAD_CHUNK = 64 * 1024
+
+
+class ImageRejected(Exception):
+    """The upload can't be used; ``str(error)`` is one sentence to show the person."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an upload may weigh and measure; ``max_side`` bounds the stored copy, not the upload."""
+
+    max_bytes: int = 10 * _MB
+    max_pixels: int = 40_000_000
+    max_side: int = 2048
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An upload ready for the model and the history store.
+
+    ``image`` is decoded from ``data`` itself, so the first answer and every later follow-up (which
+    reload ``data`` from the store) see exactly the same pixels. ``sha256`` is the hex digest of ``data``.
+    """
+
+    image: Image.Image
+    data: bytes
+    mime: str
+    width: int
+    height: int
+    sha256: str
+
+
+def _format_mb(n_bytes: int) -> str:
+    megabytes = n_bytes / _MB
+    return f"{megabytes:.0f} MB" if megabytes == int(megabytes) else f"{megabytes:.1f} MB"
+
+
+def _format_megapixels(pixels: int) -> str:
+    return f"{pixels / 1_000_000:g}"
+
+
+def check_size(n_bytes: int, limits: ImageLimits) -> None:
+    """Reject a file of ``n_bytes`` bytes if it is over the limit (useful before downloading)."""
+    if n_bytes > limits.max_bytes:
+        raise ImageRejected(TOO_LARGE.format(size=_format_mb(n_bytes), limit=_format_mb(limits.max_bytes)))
+
+
+def load_image(data: bytes, limits: ImageLimits) -> PreparedImage:
+    """Validate and normalise an uploaded image; raises :class:`ImageRejected` with a sentence to show.
+
+    Blocking (decoding and re-encoding take tens of milliseconds): run it with ``asyncio.to_thread``.
+    """
+    check_size(len(data), limits)
+    try:
+        # Pillow warns (and past twice its limit, raises) when the header declares a huge image. The
+        # warning becomes an error here so it lands in the except clause below. catch_warnings swaps
+        # the process-wide filter list; two threads racing can at worst leave this same filter behind.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            source = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(TOO_MANY_PIXELS_UNKNOWN.format(limit=_format_megapixels(limits.max_pixels))) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageRejected(NOT_AN_IMAGE) from exc
+    except Exception as exc:  # a recognised format whose header is malformed
+        log.info("upload rejected: unreadable header (%s)", exc)
+        raise ImageRejected(DAMAGED) from exc
+
+    with source:
+        if source.format not in _DETECTED_FORMATS:
+            raise ImageRejected(NOT_AN_IMAGE)
+        width, height = source.size
+        # The header is all Pillow has read so far: this is the last cheap moment to refuse.
+        if width * height > limits.max_pixels:
+            raise ImageRejected(
+                TOO_MANY_PIXELS.format(width=width, height=height, limit=_format_megapixels(limits.max_pixels))
+            )
+        try:
+            picture = _decode(source, limits.max_side)
+        except Exception as exc:  # truncated or corrupt pixel data; Pillow raises many kinds
+            log.info("upload rejected: %s image failed to decode (%s)", source.format, exc)
+            raise ImageRejected(DAMAGED) from exc
+
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", **_JPEG_OPTIONS)
+    stored = buffer.getvalue()
+    with Image.open(io.BytesIO(stored)) as reloaded:
+        reloaded.load()
+        image = reloaded.copy()
+    log.debug(
+        "image accepted: %s %dx%d, %d bytes -> stored %dx%d, %d bytes",
+        source.format,
+        width,
+        height,
+        len(data),
+        image.width,
+        image.height,
+        len(stored),
+    )
+    return PreparedImage(
+        image=image,
+        data=stored,
+        mime=STORED_MIME,
+        width=image.width,
+        height=image.height,
+        sha256=hashlib.sha256(stored).hexdigest(),
+    )
+
+
+def _decode(source: Image.Image, max_side: int) -> Image.Image:
+    """Decode the first frame, upright, RGB, with its longest side at most ``max_side``."""
+    # For JPEG this lets libjpeg decode at 1/2, 1/4 or 1/8 scale: far less memory and time for big
+    # photos. It never goes below max_side, so the final resize below still does the real work.
+    source.draft(None, (max_side, max_side))
+    source.load()
+    upright = ImageOps.exif_transpose(source)
+    picture = _to_rgb(upright)
+    if max(picture.size) > max_side:
+        picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return picture
+
+
+def _to_rgb(picture: Image.Image) -> Image.Image:
+    """Convert any mode to RGB; transparent areas become white, as a viewer would show them."""
+    if picture.mode.startswith("I"):
+        # 16-bit greyscale PNGs: a plain convert would clip every value above 255 to white.
+        picture = picture.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    has_alpha = picture.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        picture.mode == "P" and "transparency" in picture.info
+    )
+    if not has_alpha:
+        return picture.convert("RGB")
+    rgba = picture.convert("RGBA")
+    flattened = Image.new("RGB", rgba.size, _WHITE)
+    flattened.paste(rgba, mask=rgba.getchannel("A"))
+    return flattened
+
+
+async def download(session: aiohttp.ClientSession, url: str, limits: ImageLimits, *, time_limit: float = 30.0) -> bytes:
+    """Fetch ``url`` into memory, refusing it as soon as it grows past ``limits.max_bytes``.
+
+    ``Content-Length`` is only used to refuse early: the body is counted as it arrives, after any
+    transfer decompression, so a lying or missing header can't get more than the cap into memory.
+    Network failures, timeouts and non-200 answers become :class:`ImageRejected`.
+    """
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=time_limit)) as response:
+            if response.status != 200:
+                log.info("image download failed: HTTP %d", response.status)
+                raise ImageRejected(DOWNLOAD_FAILED)
+            declared = response.content_length
+            if declared is not None and "Content-Encoding" not in response.headers:
+                check_size(declared, limits)
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(_DOWNLOAD_CHUNK):
+                body += chunk
+                if len(body) > limits.max_bytes:
+                    raise ImageRejected(TOO_LARGE_UNKNOWN.format(limit=_format_mb(limits.max_bytes)))
+            return bytes(body)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.info("image download failed: %r", exc)
+        raise ImageRejected(DOWNLOAD_FAILED) from exc

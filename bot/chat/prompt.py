@@ -1,0 +1,80 @@
+"""Build the model's conversation from a channel's stored history, within the context window."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from bot.engine.base import ContextTooLong, Turn
+
+log = logging.getLogger(__name__)
+
+TOO_LONG = "Your question is too long for the model's context window ({window} tokens, {reserve} kept for the answer)."
+
+
+@dataclass(frozen=True)
+class HistoryTurn:
+    """What the prompt builder needs of a stored turn."""
+
+    role: str
+    text: str
+    image_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    conversation: list[Turn]
+    dropped: int  # older turns left out to fit the context window
+    image_sha256: str | None  # the image being discussed, if any
+    tokens: int
+
+
+def build_prompt(
+    history: Sequence[HistoryTurn],
+    load_image: Callable[[str], Image.Image],
+    count_tokens: Callable[[Sequence[Turn]], int],
+    context_window: int,
+    reserve: int,
+) -> BuiltPrompt:
+    """Turn history (oldest first, ending with the new user turn) into a conversation that fits.
+
+    Only the most recent image is shown to the model: it is "the image being discussed", and LLaVA
+    models answer about one image at a time. Oldest turns are dropped first; the turn that carries
+    the image and the new question are never dropped.
+    """
+    if not history or history[-1].role != "user":
+        raise ValueError("history must end with the user's new turn")
+    image_index = next((i for i in range(len(history) - 1, -1, -1) if history[i].image_sha256), None)
+    image_sha = history[image_index].image_sha256 if image_index is not None else None
+    image = load_image(image_sha) if image_sha else None
+
+    def to_turns(indices: list[int]) -> list[Turn]:
+        turns = []
+        for i in indices:
+            item = history[i]
+            images = (image,) if i == image_index and image is not None else ()
+            turns.append(Turn("assistant" if item.role == "assistant" else "user", item.text, images))
+        return turns
+
+    budget = context_window - reserve
+    kept = list(range(len(history)))
+    protected = {len(history) - 1} | ({image_index} if image_index is not None else set())
+    while True:
+        conversation = to_turns(kept)
+        tokens = count_tokens(conversation)
+        if tokens <= budget:
+            break
+        droppable = [i for i in kept if i not in protected]
+        if not droppable:
+            raise ContextTooLong(TOO_LONG.format(window=context_window, reserve=reserve))
+        kept.remove(droppable[0])
+        # A conversation that opens with the assistant's answer confuses chat templates.
+        while kept and history[kept[0]].role == "assistant" and kept[0] not in protected:
+            kept.pop(0)
+    dropped = len(history) - len(kept)
+    if dropped:
+        log.debug("Dropped %d old turns to fit %d tokens", dropped, budget)
+    return BuiltPrompt(conversation, dropped, image_sha, tokens)

@@ -1,0 +1,352 @@
+"""The reply streamer: shows an answer growing in place, one throttled message edit at a time.
+
+It knows nothing about Discord; a :class:`MessageSink` (the chat cog) turns its calls into messages.
+The answer is split into messages of at most ``limit`` characters such that ``"".join(parts)`` equals
+the answer exactly. A split, once made, never moves: it depends only on text already received, so a
+message that has been finalised is never touched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import unicodedata
+from typing import Generic, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+# --- what the person reads -------------------------------------------------------------------------
+EMPTY_ANSWER = "(no answer)"
+FAILURE_LINE = "\n\n⚠️ {sentence}"
+FAILED_WITHOUT_REASON = "Something went wrong while answering."
+BLANK_STATUS = "…"
+DEFAULT_MARKER = " ▌"
+
+# A split looks this far back from the limit for a line break, then for a space; beyond that a
+# hard cut is better than a message much shorter than the limit.
+SPLIT_LOOKBACK = 200
+CODE_FENCE = "```"
+
+H = TypeVar("H")
+
+_NON_SPACE = re.compile(r"\S")
+_ZWJ = "\u200d"
+
+
+class MessageSink(Protocol[H]):
+    """Where the streamer's messages go. Both calls may raise; the streamer retries what matters."""
+
+    async def send(self, content: str) -> H:
+        """Post a new message with ``content`` and return a handle for editing it."""
+        ...
+
+    async def edit(self, handle: H, content: str) -> None:
+        """Replace the content of a message created by :meth:`send`."""
+        ...
+
+
+class ReplyStreamer(Generic[H]):
+    """Streams one answer into one or more messages through a :class:`MessageSink`.
+
+    Typical use: ``await start("⏳ Queued…")``, ``await status(...)`` while waiting, ``feed(piece)`` for
+    every piece of text, then ``await finish()`` (or ``await fail(sentence)``). A background task makes
+    at most one call per ``edit_interval`` seconds for each message, showing the text so far followed
+    by ``marker``; finishing removes the marker everywhere.
+    """
+
+    def __init__(
+        self,
+        sink: MessageSink[H],
+        *,
+        limit: int = 2000,
+        edit_interval: float = 1.0,
+        marker: str = DEFAULT_MARKER,
+        final_attempts: int = 3,
+        retry_delay: float = 0.5,
+    ) -> None:
+        if limit <= len(marker):
+            raise ValueError("limit must leave room for the marker")
+        if final_attempts < 1:
+            raise ValueError("final_attempts must be at least 1")
+        self._sink = sink
+        self._limit = limit
+        self._interval = edit_interval
+        self._marker = marker
+        self._final_attempts = final_attempts
+        self._retry_delay = retry_delay
+
+        self.messages: list[H] = []
+        self._pieces: list[str] = []
+        self._placeholder: str | None = None
+        # The finished messages' texts, and how much of the reply they hold.
+        self._parts: list[str] = []
+        self._committed = 0
+        # What each message shows now, and when it was last sent or edited (attempts count too,
+        # since a failed request still spends the rate limit).
+        self._shown: list[str] = []
+        self._touched: dict[int, float] = {}
+        self._final: str | None = None
+        self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    # --- public ---------------------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        """The answer received so far (without any suffix or error line)."""
+        if len(self._pieces) > 1:
+            self._pieces[:] = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    async def start(self, initial_text: str) -> None:
+        """Post the first message right away (a placeholder such as "Thinking…").
+
+        A failure here propagates: with no message there is nothing to stream into.
+        """
+        if self.messages or self._writer is not None:
+            raise RuntimeError("the reply has already started")
+        content = self._clip(initial_text)
+        self._touched[0] = self._now()
+        self.messages.append(await self._sink.send(content))
+        self._shown.append(content)
+        self._placeholder = content
+        self._ensure_writer()
+
+    async def status(self, text: str) -> None:
+        """Replace the placeholder (e.g. a new queue position); ignored once the answer has begun.
+
+        Changes are coalesced: the message shows the latest status at most once per interval.
+        """
+        if self._final is not None or self.text:
+            return
+        self._placeholder = self._clip(text)
+        self._poke()
+
+    def feed(self, piece: str) -> None:
+        """Append a piece of the answer; returns at once, the background task shows it."""
+        if self._final is not None:
+            raise RuntimeError("the reply has already finished")
+        if piece:
+            self._pieces.append(piece)
+            self._poke()
+
+    async def finish(self, final_suffix: str = "") -> bool:
+        """Show the complete answer (plus ``final_suffix``) without the marker in every message.
+
+        Failed edits are retried a few times with backoff. Returns whether every message ended up
+        showing its final text; failures are logged, not raised.
+        """
+        answer = self.text
+        if not self._parts and not answer.strip():
+            answer = EMPTY_ANSWER
+        return await self._close(answer + final_suffix)
+
+    async def fail(self, sentence: str) -> bool:
+        """End the reply with the text so far and an error line, or only ``sentence`` if there is none."""
+        sentence = sentence or FAILED_WITHOUT_REASON
+        answer = self.text
+        final = answer + FAILURE_LINE.format(sentence=sentence) if answer.strip() or self._parts else sentence
+        return await self._close(final)
+
+    # --- background writer ----------------------------------------------------------------------
+    def _ensure_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._run(), name="reply-streamer")
+
+    def _poke(self) -> None:
+        self._ensure_writer()
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._closing.is_set():
+                return
+            await self._sync(final=False)
+
+    async def _close(self, final: str) -> bool:
+        if self._final is not None:
+            raise RuntimeError("the reply has already finished")
+        self._final = final
+        self._closing.set()
+        self._wake.set()
+        if self._writer is not None:
+            # Let an edit in flight complete rather than cancel it: a cancelled request may still
+            # reach the server and land after the final edit, bringing the marker back.
+            try:
+                await self._writer
+            except Exception:
+                log.exception("reply writer failed")
+        return await self._sync(final=True)
+
+    async def _sync(self, *, final: bool) -> bool:
+        """Bring every message up to date, one call at a time; returns whether all are current."""
+        failures = 0
+        while True:
+            wanted = self._layout(final=final)
+            index = next((i for i, content in enumerate(wanted) if self._showing(i) != content), None)
+            if index is None:
+                return True
+            if not final and self._closing.is_set():
+                return False
+            delay = self._touched.get(index, float("-inf")) + self._interval - self._now()
+            if delay > 0:
+                if final:
+                    await asyncio.sleep(delay)
+                elif await self._closing_within(delay):
+                    return False
+                continue  # more text may have arrived meanwhile
+            content = wanted[index]
+            self._touched[index] = self._now()
+            try:
+                if index < len(self.messages):
+                    await self._sink.edit(self.messages[index], content)
+                    self._shown[index] = content
+                else:
+                    self.messages.append(await self._sink.send(content))
+                    self._shown.append(content)
+            except Exception:
+                failures += 1
+                if not final:
+                    # The next tick tries again with newer text; nothing is lost by waiting.
+                    log.warning("reply update failed (message %d); will retry", index + 1, exc_info=True)
+                    return False
+                if failures >= self._final_attempts:
+                    log.exception("reply message %d could not be finalised", index + 1)
+                    return False
+                log.warning("final reply update failed (message %d); retrying", index + 1, exc_info=True)
+                await asyncio.sleep(self._retry_delay * 2 ** (failures - 1))
+            else:
+                failures = 0
+
+    async def _closing_within(self, delay: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._closing.wait()
+        return self._closing.is_set()
+
+    # --- layout ----------------------------------------------------------------------------------
+    def _layout(self, *, final: bool) -> list[str]:
+        """What each message should show now."""
+        body = self._final if final and self._final is not None else self.text
+        self._commit(body, final=final)
+        wanted = list(self._parts)
+        rest = body[self._committed :]
+        if final:
+            wanted.append(rest)
+        elif rest:
+            wanted.append(rest[: self._limit - len(self._marker)] + self._marker)
+        elif self._placeholder is not None and not wanted:
+            wanted.append(self._placeholder)
+        return wanted
+
+    def _commit(self, body: str, *, final: bool) -> None:
+        while len(body) - self._committed > self._limit:
+            cut = find_cut(body, self._committed, self._limit, final=final)
+            if cut is None:
+                return
+            self._parts.append(body[self._committed : cut])
+            self._committed = cut
+
+    def _showing(self, index: int) -> str | None:
+        return self._shown[index] if index < len(self._shown) else None
+
+    def _clip(self, text: str) -> str:
+        # Discord refuses blank messages, so a blank placeholder would fail the whole reply.
+        return text[: self._limit] if text.strip() else BLANK_STATUS
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+
+def split_message(text: str, limit: int = 2000) -> list[str]:
+    """Split a complete text into parts of at most ``limit`` characters; ``"".join(parts) == text``.
+
+    This is exactly how :class:`ReplyStreamer` lays out a finished answer.
+    """
+    parts: list[str] = []
+    start = 0
+    while len(text) - start > limit:
+        cut = find_cut(text, start, limit, final=True)
+        assert cut is not None
+        parts.append(text[start:cut])
+        start = cut
+    parts.append(text[start:])
+    return parts
+
+
+def find_cut(text: str, start: int, limit: int, *, final: bool) -> int | None:
+    """Where the message starting at ``text[start]`` should end, given ``len(text) - start > limit``.
+
+    Prefers a line break, then a space, in the last :data:`SPLIT_LOOKBACK` characters; moves the cut
+    before an opening code fence when that does not leave a short message; never separates a
+    character from the marks and joiners that belong to it. While streaming (``final=False``) it
+    returns None when only whitespace would follow the cut, since no visible message can be made
+    of that yet; for a complete text it moves the last word across instead.
+    """
+    end = start + limit
+    cut = _boundary_cut(text, start, end)
+    cut = _outside_code_block(text, start, end, cut)
+    cut = _settle(text, start, cut)
+    if _NON_SPACE.search(text, cut):
+        return cut
+    if not final:
+        return None
+    last_visible = start + len(text[start:end].rstrip())
+    word_start = last_visible - 1
+    while word_start > start and not text[word_start - 1].isspace():
+        word_start -= 1
+    return _settle(text, start, word_start) if word_start > start else cut
+
+
+def _boundary_cut(text: str, start: int, end: int) -> int:
+    low = max(start + 1, end - SPLIT_LOOKBACK)
+    for separator in ("\n", " "):
+        found = text.rfind(separator, low, end)
+        if found != -1:
+            return found + 1
+    return end
+
+
+def _outside_code_block(text: str, start: int, end: int, cut: int) -> int:
+    if text.count(CODE_FENCE, 0, cut) % 2 == 0:
+        return cut
+    opening = text.rfind(CODE_FENCE, start, cut)
+    # A block that began in an earlier message, or one that starts early in this message, has to be
+    # split anyway; only move the cut when the message keeps at least half its length.
+    if opening == -1 or opening - start < (end - start) // 2:
+        return cut
+    return opening
+
+
+def _settle(text: str, start: int, cut: int) -> int:
+    while cut > start + 1 and _inseparable(text, cut):
+        cut -= 1
+    return cut
+
+
+def _inseparable(text: str, index: int) -> bool:
+    """Whether ``text[index - 1]`` and ``text[index]`` belong to the same visible character."""
+    before, after = text[index - 1], text[index]
+    if (before, after) == ("\r", "\n") or _ZWJ in (before, after):
+        return True
+    if unicodedata.category(after) in ("Mn", "Mc", "Me"):  # accents, variation selectors
+        return True
+    code = ord(after)
+    if 0x1F3FB <= code <= 0x1F3FF or 0xE0020 <= code <= 0xE007F:  # skin tones, flag tags
+        return True
+    if _regional_indicator(before) and _regional_indicator(after):
+        # Flags are pairs of regional indicators: inside a run, an odd count before means mid-flag.
+        run = 0
+        while index - run - 1 >= 0 and _regional_indicator(text[index - run - 1]):
+            run += 1
+        return run % 2 == 1
+    return False
+
+
+def _regional_indicator(char: str) -> bool:
+    return 0x1F1E6 <= ord(char) <= 0x1F1FF

@@ -1,0 +1,180 @@
+"""Typed settings read from a TOML file; the Discord token comes from the environment or that file.
+
+``config.example.toml`` documents every key with its default; the dataclasses below are the source
+of truth it mirrors (a test checks the two agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bot.engine.variants import PRECISIONS
+
+DISCORD_TOKEN_ENV = "DISCORD_TOKEN"
+
+
+class ConfigError(ValueError):
+    """The configuration can't be used; ``str()`` names the key and the fix."""
+
+
+@dataclass
+class DiscordConfig:
+    # Prefer the DISCORD_TOKEN environment variable: a token in a file is easier to leak.
+    token: str = ""
+    # REST base URL, for operators behind a REST proxy; empty means Discord's own.
+    api_base_url: str = ""
+    # Gateway websocket URL; empty means Discord's own.
+    gateway_url: str = ""
+    answer_dms: bool = True
+    # User ids allowed to run /precision besides the application's owner(s).
+    admin_ids: list[int] = field(default_factory=list)
+    # Who may /reset a channel: "everyone", "moderators" (Manage Messages) or "admins".
+    reset_permission: str = "everyone"
+    # Seconds between edits of a streaming reply (Discord rate-limits edits per channel).
+    edit_interval: float = 1.0
+    # Register slash commands in these servers (instant), in addition to globally.
+    command_guild_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    # Folder holding the FP16 / INT8 / INT4 variants made by `llava-bot convert`.
+    dir: str = "models/llava-1.5-7b-hf"
+    # What to convert on first start when auto_convert is on.
+    source: str = "llava-hf/llava-1.5-7b-hf"
+    auto_convert: bool = False
+    precision: str = "INT4"
+    engine: str = "genai"
+    device: str = "CPU"
+    # OpenVINO properties, e.g. {CACHE_DIR = "data/ov-cache"}.
+    ov_config: dict[str, str] = field(default_factory=lambda: {"CACHE_DIR": "data/ov-cache"})
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+@dataclass
+class ChatConfig:
+    # Requests waiting beyond this many get a polite "busy" answer.
+    max_queue: int = 16
+    max_image_bytes: int = 10 * 1024 * 1024
+    # Guards against decompression bombs: width * height.
+    max_image_pixels: int = 40_000_000
+    # Stored turns considered when building a prompt (the context window trims further).
+    history_turns: int = 40
+
+
+@dataclass
+class DatabaseConfig:
+    # Any SQLAlchemy async URL; the default is a SQLite file under data/.
+    url: str = "sqlite+aiosqlite:///data/llava-bot.sqlite3"
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass
+class Config:
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _check_type(where: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list")
+        return [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table")
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(annotation, types.UnionType):
+        raise TypeError(annotation)  # not used by any key
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, str) and value.isdigit():
+        return int(value)  # Discord ids are often quoted to survive tools that read them as floats
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(known))})")
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{name}] must be a table")
+            values[name] = _build(hint, value, f"{name}.")  # type: ignore[arg-type]
+        else:
+            values[name] = _check_type(f"{where}{name}", value, hint)
+    return cls(**values)
+
+
+def _validate(config: Config) -> None:
+    model = config.model
+    model.precision = model.precision.upper()
+    if model.precision not in PRECISIONS:
+        raise ConfigError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {model.precision!r}")
+    if model.engine not in ("genai", "optimum"):
+        raise ConfigError(f"model.engine must be 'genai' or 'optimum', got {model.engine!r}")
+    if model.max_new_tokens < 1:
+        raise ConfigError("model.max_new_tokens must be at least 1")
+    if not 0.0 <= model.temperature <= 5.0 or not 0.0 < model.top_p <= 1.0:
+        raise ConfigError("model.temperature must be in [0, 5] and model.top_p in (0, 1]")
+    if config.discord.reset_permission not in ("everyone", "moderators", "admins"):
+        raise ConfigError("discord.reset_permission must be 'everyone', 'moderators' or 'admins'")
+    if config.discord.edit_interval < 0.2:
+        raise ConfigError("discord.edit_interval must be at least 0.2 seconds")
+    if config.chat.max_queue < 1 or config.chat.max_image_bytes < 1 or config.chat.max_image_pixels < 1:
+        raise ConfigError("chat.max_queue, chat.max_image_bytes and chat.max_image_pixels must be positive")
+    if config.chat.history_turns < 1:
+        raise ConfigError("chat.history_turns must be at least 1")
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a parsed TOML document; raises ConfigError naming the first bad key."""
+    config: Config = _build(Config, data, "")
+    _validate(config)
+    return config
+
+
+def load_config(path: Path, *, require_token: bool = True) -> Config:
+    """Read ``path`` (a missing file means all defaults) and take the token from the environment."""
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from error
+    elif path.name != "config.toml":
+        raise ConfigError(f"configuration file {path} does not exist")
+    config = parse_config(data)
+    token = os.environ.get(DISCORD_TOKEN_ENV, "").strip()
+    if token:
+        config.discord.token = token
+    if require_token and not config.discord.token:
+        raise ConfigError(
+            f"no Discord bot token: set the {DISCORD_TOKEN_ENV} environment variable (or discord.token in {path})"
+        )
+    return config

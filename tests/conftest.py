@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny randomly initialised LLaVA models converted with the real `llava-bot convert`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+# No test may reach the Hugging Face Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "tests" / ".model-cache"
+# Exact comparison with the PyTorch reference needs f32 inference (the CPU defaults to bf16).
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def _cache_key(spec: object) -> str:
+    """Rebuild the cached model whenever the builder or the converter changes."""
+    digest = hashlib.sha256(repr(spec).encode())
+    for source in ("bot/engine/synthetic.py", "bot/engine/convert.py", "bot/engine/variants.py"):
+        digest.update((ROOT / source).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def converted_model(name: str, spec: object) -> tuple[Path, Path]:
+    """Build the checkpoint for ``spec`` and convert it with the CLI; cached between runs."""
+    from bot.engine import variants
+    from bot.engine.synthetic import build_checkpoint
+
+    base = CACHE / f"{name}-{_cache_key(spec)}"
+    checkpoint, out = base / "checkpoint", base / "ov"
+    if not (checkpoint / "config.json").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        for stale in CACHE.glob(f"{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        build_checkpoint(checkpoint, spec)  # type: ignore[arg-type]
+    if variants.available(out) != list(variants.PRECISIONS):
+        subprocess.run(
+            [sys.executable, "-m", "bot", "convert", str(checkpoint), "--out", str(out)],
+            check=True,
+            cwd=ROOT,
+        )
+    return checkpoint, out
+
+
+@pytest.fixture(scope="session")
+def tiny_llava() -> tuple[Path, Path]:
+    """(transformers checkpoint, folder holding FP16/INT8/INT4) of a tiny LLaVA-1.5-shaped model."""
+    from bot.engine.synthetic import TINY
+
+    return converted_model("llava", TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next() -> tuple[Path, Path]:
+    """The same for a tiny LLaVA-NeXT (v1.6) model."""
+    from bot.engine.synthetic import TINY_NEXT
+
+    return converted_model("llava_next", TINY_NEXT)
+
+
+def sample_image(size: tuple[int, int] = (120, 90), seed: int = 0) -> Image.Image:
+    """A small deterministic picture with shapes and colours."""
+    image = Image.new("RGB", size, (30 + seed * 40 % 200, 120, 200))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((10, 10, size[0] // 2, size[1] // 2), fill=(250, 200, 20))
+    draw.ellipse((size[0] // 3, size[1] // 3, size[0] - 5, size[1] - 5), fill=(200, 30, 60 + seed))
+    return image

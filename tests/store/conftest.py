@@ -1,0 +1,47 @@
+"""Fixtures for the store tests: real SQLite files in a temporary folder, migrated by Alembic."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.store import HistoryStore, StoredImage, create_engine, session_factory, upgrade
+
+
+def sqlite_url(path: Path) -> str:
+    """An aiosqlite URL for a database file."""
+    return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    # A folder that does not exist yet, as on a fresh install.
+    return sqlite_url(tmp_path / "data" / "bot.db")
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    await upgrade(db_url)
+    engine = create_engine(db_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def store(engine: AsyncEngine) -> HistoryStore:
+    return HistoryStore(session_factory(engine))
+
+
+def image(tag: bytes = b"cat") -> StoredImage:
+    """Stand-in image bytes; the store never decodes them."""
+    return StoredImage(data=b"\x89PNG\r\n\x1a\n" + tag * 100, mime="image/png", width=64, height=48)
+
+
+async def count_rows(engine: AsyncEngine, name: str) -> int:
+    """How many rows a table holds."""
+    async with engine.connect() as connection:
+        return (await connection.execute(select(func.count()).select_from(table(name)))).scalar_one()
