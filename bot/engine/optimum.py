@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,36 @@ from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream,
 from bot.engine.template import ChatTemplate
 
 log = logging.getLogger(__name__)
+
+_grid_patch_lock = threading.Lock()
+
+
+def _fix_llava_next_grid_order(model: Any) -> None:
+    """Make Optimum Intel's LLaVA-NeXT tile packing read the tile grid in the right order.
+
+    Optimum Intel 2.2 unpacks transformers' ``get_anyres_image_grid_shape`` as (width, height) while
+    transformers 5 returns (height, width): images whose tiles don't form a square grid then fail or
+    come out scrambled. During packing we hand it the grid shape reversed, which is what it expects.
+    """
+    import transformers.models.llava_next.modeling_llava_next as llava_next
+
+    original = model.pack_image_features
+    grid_shape = llava_next.get_anyres_image_grid_shape
+
+    def reversed_grid_shape(*args: Any, **kwargs: Any) -> tuple[int, int]:
+        rows, columns = grid_shape(*args, **kwargs)
+        return columns, rows
+
+    def pack_image_features(*args: Any, **kwargs: Any) -> Any:
+        # The packing code imports the function from the module at call time, so swap it there briefly.
+        with _grid_patch_lock:
+            llava_next.get_anyres_image_grid_shape = reversed_grid_shape
+            try:
+                return original(*args, **kwargs)
+            finally:
+                llava_next.get_anyres_image_grid_shape = grid_shape
+
+    model.pack_image_features = pack_image_features
 
 
 class OptimumEngine(Engine):
@@ -28,6 +59,8 @@ class OptimumEngine(Engine):
         self.model: Any = OVModelForVisualCausalLM.from_pretrained(
             model_dir, device=device, ov_config=self.ov_config or None
         )
+        if self.template.model_type == "llava_next":
+            _fix_llava_next_grid_order(self.model)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optimum")
 
     @property
