@@ -179,14 +179,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
 # --- run / db ----------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the Discord bot."""
-    from bot.client import run_bot
+    import discord
+
+    from bot.client import StartupError, run_bot
     from bot.config import ConfigError, load_config
 
     try:
-        config = load_config(Path(args.config))
-    except ConfigError as error:
+        return run_bot(load_config(Path(args.config)))
+    except (ConfigError, StartupError) as error:
         raise CliError(str(error)) from error
-    return run_bot(config)
+    except discord.LoginFailure as error:
+        raise CliError(
+            "Discord refused the bot token; check DISCORD_TOKEN (Developer Portal > Bot > Token)."
+        ) from error
 
 
 def cmd_db(args: argparse.Namespace) -> int:

@@ -139,6 +139,8 @@ class Engine(abc.ABC):
     """A loaded model folder that turns conversations into streams of text."""
 
     name: str = "engine"
+    # How many generations may run at once (continuous batching engines take more than one).
+    max_concurrency: int = 1
 
     def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
         self.model_dir = model_dir

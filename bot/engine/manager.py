@@ -97,6 +97,11 @@ class ModelManager:
         stream.done.add_done_callback(_done)
         return stream
 
+    @property
+    def concurrency(self) -> int:
+        """Generations the loaded engine runs at once."""
+        return self.engine.max_concurrency
+
     def count_prompt_tokens(self, conversation: Sequence[Turn]) -> int:
         return self.engine.count_prompt_tokens(conversation)
 

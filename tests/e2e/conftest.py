@@ -7,10 +7,14 @@ test modules using them need ``pytestmark = pytest.mark.asyncio(loop_scope="sess
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest_asyncio
 
-from tests.e2e.discord_emulator import DiscordEmulator
+from bot.client import LlavaBot
+from bot.config import Config, parse_config
+from tests.e2e.discord_emulator import DiscordEmulator, running_bot
 
 
 @pytest_asyncio.fixture
@@ -18,3 +22,28 @@ async def emulator() -> AsyncIterator[DiscordEmulator]:
     """A fresh emulated Discord (REST, gateway and CDN) on a random port of 127.0.0.1."""
     async with DiscordEmulator() as emu:
         yield emu
+
+
+@pytest_asyncio.fixture
+async def bot_config(tiny_llava: tuple[Path, Path], tmp_path: Path) -> Config:
+    """Settings of a bot that answers with the tiny model and keeps its history in a fresh SQLite file."""
+    return parse_config(
+        {
+            "discord": {"token": "emulated", "edit_interval": 0.2, "admin_ids": []},
+            "model": {
+                "dir": str(tiny_llava[1]),
+                "precision": "INT4",
+                "engine": "genai",
+                "max_new_tokens": 24,
+                "ov_config": {"CACHE_DIR": str(tmp_path / "ov-cache")},
+            },
+            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'bot.sqlite3'}"},
+        }
+    )
+
+
+@asynccontextmanager
+async def llava_bot(config: Config, emulator: DiscordEmulator) -> AsyncIterator[LlavaBot]:
+    """The real bot, connected to the emulator, ready; closed on exit."""
+    async with running_bot(LlavaBot(config, guild_ready_timeout=0.05), emulator, ready_timeout=60) as bot:
+        yield bot

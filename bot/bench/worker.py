@@ -1,0 +1,218 @@
+"""Measure one engine on one precision folder, in a process of its own.
+
+Run as ``python -m bot.bench.worker --engine genai --folder models/x/INT4 --cache-dir DIR [--measure]``.
+Load time and peak memory are properties of a whole process, so the benchmark starts this module afresh for
+every sample of them: a compiled model, an allocator's high-water mark or a page cache of an earlier engine
+would otherwise leak into the next number. The result is one JSON object, printed on stdout or written to
+``--result``; progress goes to the log on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bot.bench.workload import (
+    FIRST_QUESTION,
+    FOLLOW_UP_QUESTION,
+    LoopLag,
+    Timing,
+    decode_union_rate,
+    make_image,
+    timed_generation,
+)
+from bot.engine.base import Engine, GenerationSettings, Turn
+
+log = logging.getLogger(__name__)
+
+# Seeds of the pictures: each measured request gets one no earlier request used.
+_WARM_UP_SEED = 10_000
+_RUN_SEED = 20_000
+_CONCURRENT_SEED = 30_000
+
+# Heavy modules an engine imports while loading. Importing them before the clock starts keeps Python's import
+# time (the same cold or warm) out of the load time, which is about reading and compiling the model.
+_ENGINE_IMPORTS: dict[str, tuple[str, ...]] = {
+    "genai": ("openvino", "openvino_genai", "transformers"),
+    "optimum": ("openvino", "transformers", "optimum.intel"),
+}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kibibytes, macOS bytes.
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _import_engine_modules(kind: str) -> float:
+    started = time.monotonic()
+    for name in (*_ENGINE_IMPORTS.get(kind, ("openvino", "openvino_genai", "transformers")), f"bot.engine.{kind}"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            # An engine living in a module of another name is imported by load_engine itself, inside the clock.
+            log.debug("could not import %s ahead of loading", name)
+    return time.monotonic() - started
+
+
+def _load(kind: str, folder: Path, device: str, ov_config: dict[str, str]) -> tuple[Engine, float]:
+    from bot.engine.manager import load_engine
+
+    started = time.monotonic()
+    engine = load_engine(kind, folder, device, ov_config)
+    return engine, time.monotonic() - started
+
+
+def _timing_dict(timing: Timing) -> dict[str, Any]:
+    return {
+        "ttft_s": timing.ttft,
+        "decode_tokens_per_s": timing.decode_tokens_per_second,
+        "new_tokens": timing.new_tokens,
+        "prompt_tokens": timing.prompt_tokens,
+        "wall_s": timing.finished - timing.submitted,
+    }
+
+
+async def _single_runs(engine: Engine, runs: int, new_tokens: int, follow_up_tokens: int) -> dict[str, Any]:
+    """New-image and follow-up latency and decode speed, ``runs`` times, after one unmeasured warm-up."""
+    decode = GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True)
+    follow = GenerationSettings(max_new_tokens=follow_up_tokens, ignore_eos=True)
+    # The first request after loading pays one-off costs (allocations, kernel selection) that a running bot
+    # pays once at start, not per question.
+    await timed_generation(engine, [Turn("user", FIRST_QUESTION, (make_image(_WARM_UP_SEED),))], follow)
+    samples = []
+    lag = LoopLag()
+    async with lag.measuring():
+        for run in range(runs):
+            first = [Turn("user", FIRST_QUESTION, (make_image(_RUN_SEED + run),))]
+            answer = await timed_generation(engine, first, decode)
+            # The follow-up is what the bot sends for a second question in the same channel: the whole
+            # history, image included, with the answer as the model gave it.
+            second = [*first, Turn("assistant", answer.text.strip()), Turn("user", FOLLOW_UP_QUESTION)]
+            follow_up = await timed_generation(engine, second, follow)
+            samples.append({"new_image": _timing_dict(answer), "follow_up": _timing_dict(follow_up)})
+            log.info(
+                "run %d: first token %.3f s (follow-up %.3f s), %.1f tokens/s",
+                run + 1,
+                answer.ttft or float("nan"),
+                follow_up.ttft or float("nan"),
+                answer.decode_tokens_per_second or float("nan"),
+            )
+    p50, p99 = lag.percentiles_ms()
+    return {"runs": samples, "loop_lag_p50_ms": p50, "loop_lag_p99_ms": p99}
+
+
+async def _concurrent_runs(engine: Engine, channels: Sequence[int], runs: int, new_tokens: int) -> list[dict[str, Any]]:
+    """Several conversations, each with its own new image, started at the same moment."""
+    settings = GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True)
+    results = []
+    seed = _CONCURRENT_SEED
+    for count in channels:
+        reps = []
+        for _ in range(runs):
+            conversations = [[Turn("user", FIRST_QUESTION, (make_image(seed + i),))] for i in range(count)]
+            seed += count
+            lag = LoopLag()
+            async with lag.measuring():
+                started = time.monotonic()
+                timings = await asyncio.gather(*(timed_generation(engine, c, settings) for c in conversations))
+                wall = max(t.finished for t in timings) - started
+            tokens = sum(t.new_tokens for t in timings)
+            p50, p99 = lag.percentiles_ms()
+            reps.append(
+                {
+                    "wall_s": wall,
+                    "tokens": tokens,
+                    "aggregate_tokens_per_s": tokens / wall if wall > 0 else None,
+                    "aggregate_decode_tokens_per_s": decode_union_rate(timings),
+                    # Measured from the common start: waiting behind another channel counts, as it does in chat.
+                    "ttft_s": [None if t.first_token is None else t.first_token - started for t in timings],
+                    "loop_lag_p50_ms": p50,
+                    "loop_lag_p99_ms": p99,
+                }
+            )
+            log.info("%d channel(s): %d tokens in %.2f s", count, tokens, wall)
+        results.append({"channels": count, "reps": reps})
+    return results
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the engine, then (with ``--measure``) time generations; returns the JSON-ready result."""
+    ov_config = dict(args.ov_config_pairs)
+    ov_config["CACHE_DIR"] = str(args.cache_dir)
+    result: dict[str, Any] = {
+        "engine": args.engine,
+        "folder": str(args.folder),
+        "cache_was_empty": not any(Path(args.cache_dir).glob("*")),
+    }
+    result["import_s"] = _import_engine_modules(args.engine)
+    engine, result["load_s"] = await asyncio.to_thread(_load, args.engine, Path(args.folder), args.device, ov_config)
+    log.info("%s loaded %s in %.2f s", args.engine, args.folder, result["load_s"])
+    result["peak_rss_after_load_mb"] = peak_rss_mb()
+    try:
+        if args.measure:
+            result.update(await _single_runs(engine, args.runs, args.new_tokens, args.follow_up_tokens))
+            # Recorded before the concurrent requests, whose extra KV caches would raise it.
+            result["peak_rss_mb"] = peak_rss_mb()
+            if args.channels:
+                result["concurrency"] = await _concurrent_runs(
+                    engine, args.channels, args.concurrency_runs, args.concurrency_tokens
+                )
+                result["peak_rss_concurrent_mb"] = peak_rss_mb()
+        else:
+            result["peak_rss_mb"] = peak_rss_mb()
+    finally:
+        await asyncio.to_thread(engine.close)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The worker's arguments (the benchmark runner builds them; they are usable by hand too)."""
+    parser = argparse.ArgumentParser(prog="python -m bot.bench.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", required=True, help="engine kind known to load_engine (genai, optimum, ...)")
+    parser.add_argument("--folder", required=True, help="one precision folder, e.g. models/x/INT4")
+    parser.add_argument("--cache-dir", required=True, help="OpenVINO compiled-model cache (CACHE_DIR)")
+    parser.add_argument("--device", default="CPU")
+    parser.add_argument("--ov-config", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--measure", action="store_true", help="time generations after loading")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--follow-up-tokens", type=int, default=8)
+    parser.add_argument("--channels", type=int, nargs="*", default=[], help="concurrent conversations to time")
+    parser.add_argument("--concurrency-runs", type=int, default=1)
+    parser.add_argument("--concurrency-tokens", type=int, default=64)
+    parser.add_argument("--result", help="write the JSON here instead of printing it")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m bot.bench.worker``."""
+    args = build_parser().parse_args(argv)
+    args.ov_config_pairs = [tuple(pair.split("=", 1)) for pair in args.ov_config if "=" in pair]
+    logging.basicConfig(
+        level=os.environ.get("LLAVA_BOT_BENCH_LOG", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    result = asyncio.run(measure(args))
+    text = json.dumps(result)
+    if args.result:
+        Path(args.result).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The Discord client: owns the long-lived resources and loads the cogs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.chat.scheduler import Scheduler
+from bot.chat.service import ChatService
+from bot.config import Config
+from bot.engine import variants
+from bot.engine.base import GenerationSettings
+from bot.engine.manager import ModelManager
+from bot.store.db import create_engine, session_factory, upgrade
+from bot.store.history import HistoryStore
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("bot.cogs.chat", "bot.cogs.admin")
+COMMAND_FAILED = "Something went wrong with that command; the details were logged."
+
+
+class StartupError(RuntimeError):
+    """The bot can't start; ``str()`` says what to do."""
+
+
+class LlavaBot(commands.Bot):
+    """The bot. Resources are created in :meth:`setup_hook` and released in :meth:`close`."""
+
+    store: HistoryStore
+    models: ModelManager
+    chat: ChatService
+    http_session: aiohttp.ClientSession
+    db_engine: AsyncEngine
+
+    def __init__(self, config: Config, **options: Any) -> None:
+        # Message Content is a privileged intent the bot doesn't need: Discord still delivers the content
+        # and attachments of messages that mention the bot, of replies to it and of DMs.
+        intents = discord.Intents.default()
+        intents.message_content = False
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            help_command=None,
+            allowed_mentions=discord.AllowedMentions.none(),
+            **options,
+        )
+        self.config = config
+        self.tree.error(self.on_app_command_error)
+
+    async def setup_hook(self) -> None:
+        config = self.config
+        await upgrade(config.database.url)
+        self.db_engine = create_engine(config.database.url)
+        self.store = HistoryStore(session_factory(self.db_engine))
+        self.http_session = aiohttp.ClientSession()
+        model = config.model
+        self.models = ModelManager(Path(model.dir), model.engine, model.device, model.ov_config)
+        precision = await self.store.get_setting("precision") or model.precision
+        if precision not in self.models.available():
+            log.warning("The saved precision %s is no longer available; using %s", precision, model.precision)
+            precision = model.precision
+        await self.models.switch(precision)
+        settings = GenerationSettings(
+            max_new_tokens=model.max_new_tokens, temperature=model.temperature, top_p=model.top_p
+        )
+        scheduler = Scheduler(max_queue=config.chat.max_queue, concurrency=self.models.concurrency)
+        self.chat = ChatService(self.store, self.models, scheduler, settings, config.chat.history_turns)
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        """Register slash commands globally and, for instant availability, in the configured servers."""
+        try:
+            await self.tree.sync()
+            for guild_id in self.config.discord.command_guild_ids:
+                guild = discord.Object(id=guild_id)
+                self.tree.copy_global_to(guild=guild)
+                await self.tree.sync(guild=guild)
+        except discord.HTTPException:
+            log.exception("Registering slash commands failed; they may be missing until the next start")
+
+    async def on_message(self, message: discord.Message, /) -> None:
+        """Questions are handled by the chat cog; there are no prefix commands to look for."""
+
+    async def on_ready(self) -> None:
+        user = self.user
+        log.info("Connected as %s (%s) in %d servers", user, user.id if user else "?", len(self.guilds))
+
+    async def on_app_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        """One plain sentence for the person; the details go to the log."""
+        log.error("Command %s failed", interaction.command.name if interaction.command else "?", exc_info=error)
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(COMMAND_FAILED, ephemeral=True)
+            else:
+                await interaction.response.send_message(COMMAND_FAILED, ephemeral=True)
+        except discord.HTTPException:
+            log.warning("Could not report the failure of a command", exc_info=True)
+
+    async def close(self) -> None:
+        for name in list(self.extensions):
+            await self.unload_extension(name)
+        await super().close()
+        if hasattr(self, "models"):
+            await self.models.close()
+        if hasattr(self, "http_session"):
+            await self.http_session.close()
+        if hasattr(self, "db_engine"):
+            await self.db_engine.dispose()
+
+
+def point_at(config: Config) -> None:
+    """Use the configured REST base and gateway instead of Discord's own (a proxy, or a test server)."""
+    if config.discord.api_base_url:
+        discord.http.Route.BASE = config.discord.api_base_url.rstrip("/")
+    if config.discord.gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(config.discord.gateway_url)
+
+
+def ensure_model(config: Config) -> None:
+    """Make sure the configured precision exists, converting it first if the operator allowed that."""
+    model_dir = Path(config.model.dir)
+    precision = config.model.precision
+    if variants.is_complete(model_dir / precision):
+        return
+    command = f"llava-bot convert {config.model.source} --out {model_dir}"
+    if not config.model.auto_convert:
+        raise StartupError(
+            f"No converted {precision} model in {model_dir}: run `{command}` first "
+            "(or set model.auto_convert = true to convert at start)."
+        )
+    from bot.engine.convert import ConversionError, convert
+
+    log.info(
+        "No %s model in %s yet: converting %s (this can take a long time)", precision, model_dir, config.model.source
+    )
+    try:
+        convert(config.model.source, model_dir, [precision])
+    except ConversionError as error:
+        raise StartupError(f"Converting the model failed: {error}") from error
+
+
+def run_bot(config: Config) -> int:
+    """Start the bot and block until it stops."""
+    logging.getLogger().setLevel(config.logging.level.upper())
+    ensure_model(config)
+    point_at(config)
+    bot = LlavaBot(config)
+    # discord.py would install its own log handler; the CLI already configured logging.
+    bot.run(config.discord.token, log_handler=None)
+    return 0
