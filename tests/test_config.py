@@ -1,0 +1,75 @@
+"""Configuration: the example file documents the defaults, and mistakes are caught at start."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import tomllib
+import typing
+from pathlib import Path
+
+import pytest
+
+from bot.config import Config, ConfigError, load_config, parse_config
+from tests.conftest import ROOT
+
+
+def test_example_file_is_valid_and_shows_every_default() -> None:
+    example = tomllib.loads((ROOT / "config.example.toml").read_text())
+    assert parse_config(example) == Config()
+    for name, section in typing.get_type_hints(Config).items():
+        keys = {f.name for f in dataclasses.fields(section)}
+        assert set(example[name]) == keys, f"config.example.toml [{name}] is out of date"
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"model": {"precison": "INT4"}}, "unknown key model.precison"),
+        ({"modle": {}}, "unknown key modle"),
+        ({"model": {"precision": "INT3"}}, "model.precision must be one of"),
+        ({"model": {"engine": "llama"}}, "model.engine must be"),
+        ({"chat": {"max_queue": "ten"}}, "chat.max_queue must be int"),
+        ({"discord": {"edit_interval": 0.01}}, "edit_interval must be at least"),
+        ({"discord": {"reset_permission": "nobody"}}, "reset_permission"),
+        ({"discord": {"admin_ids": [1, "x"]}}, "admin_ids[1] must be int"),
+    ],
+)
+def test_mistakes_name_the_key(document: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(document)
+
+
+def test_token_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[discord]\ntoken = "from-file"\n')
+    monkeypatch.setenv("DISCORD_TOKEN", "from-env")
+    assert load_config(path).discord.token == "from-env"
+    monkeypatch.delenv("DISCORD_TOKEN")
+    assert load_config(path).discord.token == "from-file"
+    path.write_text("")
+    with pytest.raises(ConfigError, match="DISCORD_TOKEN"):
+        load_config(path)
+
+
+def run_bot(tmp_path: Path, config: str, token: str = "secret-token-value") -> subprocess.CompletedProcess[str]:
+    (tmp_path / "config.toml").write_text(config)
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "DISCORD_TOKEN": token}
+    return subprocess.run(
+        [sys.executable, "-m", "bot", "run", "--config", str(tmp_path / "config.toml")],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_run_refuses_to_start_half_working(tmp_path: Path) -> None:
+    missing = run_bot(tmp_path, f'[model]\ndir = "{tmp_path / "models"}"\n')
+    assert missing.returncode == 1
+    assert "llava-bot convert llava-hf/llava-1.5-7b-hf --out" in missing.stderr
+    assert "secret-token-value" not in missing.stderr + missing.stdout
+
+    bad = run_bot(tmp_path, "[model]\nprecision = 'int5'\n")
+    assert bad.returncode == 1 and "model.precision must be one of" in bad.stderr
+
+    no_token = run_bot(tmp_path, "", token="")
+    assert no_token.returncode == 1 and "DISCORD_TOKEN" in no_token.stderr
