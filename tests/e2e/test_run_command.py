@@ -1,0 +1,62 @@
+"""`llava-bot run` as an operator starts it: a config file pointing at a REST/gateway URL, the token in the env."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+from tests.e2e.discord_emulator import DiscordEmulator
+from tests.e2e.test_bot import png
+
+
+async def test_run_command_answers_and_stops_cleanly(
+    tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+[discord]
+api_base_url = "{emulator.api_base}"
+gateway_url = "{emulator.gateway_url}"
+edit_interval = 0.2
+
+[model]
+dir = "{tiny_llava[1]}"
+max_new_tokens = 16
+
+[model.ov_config]
+CACHE_DIR = "{tmp_path / "cache"}"
+
+[database]
+url = "sqlite+aiosqlite:///{tmp_path / "data" / "bot.sqlite3"}"
+"""
+    )
+    env = {**os.environ, "DISCORD_TOKEN": emulator.token, "HF_HUB_OFFLINE": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", "--config", str(config),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await emulator.wait_for(lambda: emulator.connected, 120)
+        await emulator.wait_for(lambda: emulator.commands.get(None), 30)
+        asked = await emulator.user_message(
+            emulator.channel_id, emulator.user, "What is this?", attachments=[("a.png", png(), "image/png")]
+        )
+        reply = await emulator.wait_for_message(
+            lambda m: m.reference_id == int(asked["id"]) and "▌" not in m.content and not m.content.startswith("⏳"),
+            timeout=60,
+        )
+        assert reply.content.strip()
+        assert {c["name"] for c in emulator.commands[None]} == {"ask", "reset", "precision", "status"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    log = stderr.decode()
+    assert process.returncode == 0, log
+    assert "Traceback" not in log
+    assert emulator.token not in log, "the token must never be logged"
+    assert (tmp_path / "data" / "bot.sqlite3").exists()
