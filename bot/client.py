@@ -43,7 +43,7 @@ class LlavaBot(commands.Bot):
 
     def __init__(self, config: Config, **options: Any) -> None:
         # Message Content is a privileged intent the bot doesn't need: Discord still delivers the content
-        # and attachments of messages that mention the bot, of replies to it and of DMs.
+        # and attachments of messages that mention the bot (a reply that pings it counts) and of DMs.
         intents = discord.Intents.default()
         intents.message_content = False
         super().__init__(

@@ -74,6 +74,8 @@ class PreparedImage:
 
 def _format_mb(n_bytes: int) -> str:
     megabytes = n_bytes / _MB
+    if megabytes < 0.1:
+        return f"{max(1, round(n_bytes / 1024))} KB"
     return f"{megabytes:.0f} MB" if megabytes == int(megabytes) else f"{megabytes:.1f} MB"
 
 

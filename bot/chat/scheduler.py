@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 # --- what the person reads -------------------------------------------------------------------------
-QUEUE_FULL = "I already have {waiting} questions waiting; please try again in a few minutes."
+QUEUE_FULL = "I'm busy: {waiting} waiting already; please try again in a few minutes."
 ALREADY_ASKING = "I'm still working on your previous question; please wait for that answer first."
 
 PositionCallback = Callable[[int], Awaitable[None]]
@@ -27,7 +27,7 @@ class QueueFull(Exception):
     """Too many requests are waiting; ``str(error)`` is a sentence for the person."""
 
     def __init__(self, waiting: int) -> None:
-        super().__init__(QUEUE_FULL.format(waiting=waiting))
+        super().__init__(QUEUE_FULL.format(waiting="1 question is" if waiting == 1 else f"{waiting} questions are"))
         self.waiting = waiting
 
 

@@ -7,6 +7,7 @@ history store (read) -> prompt builder (fits the context) -> scheduler (queue, o
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import logging
 from collections import OrderedDict
@@ -91,6 +92,8 @@ class ChatService:
         self.settings = settings
         self.history_turns = history_turns
         self._images = _ImageCache()
+        # How often each channel was reset: an answer finishing after a reset must not be stored.
+        self._resets: collections.Counter[int] = collections.Counter()
 
     async def answer(self, question: Question, streamer: ReplyStreamer[Any]) -> Answer:
         """Queue the question, stream the answer into ``streamer`` and store both turns."""
@@ -114,6 +117,7 @@ class ChatService:
         return Answer(streamer.text, self._ids(streamer), completed=False)
 
     async def _generate(self, question: Question, streamer: ReplyStreamer[Any]) -> Answer:
+        resets = self._resets[question.channel_id]
         prompt = await self._prompt(question)
         image = None
         if question.image is not None:
@@ -137,7 +141,11 @@ class ChatService:
         kept = len(prompt.conversation)
         completed = await streamer.finish(DROPPED_NOTE.format(kept=kept) if prompt.dropped else "")
         ids = self._ids(streamer)
-        await self.store.add_assistant_turn(question.channel_id, streamer.text, message_ids=ids)
+        if self._resets[question.channel_id] == resets:
+            await self.store.add_assistant_turn(question.channel_id, streamer.text, message_ids=ids)
+        else:
+            # The question went with the reset; an answer stored alone would bring the old conversation back.
+            log.info("Channel %s was reset while answering; the answer is not kept", question.channel_id)
         stats = stream.stats
         log.info(
             "Answered in channel %s: %d prompt tokens, %d new tokens, first after %.2f s, %.1f tokens/s",
@@ -181,6 +189,7 @@ class ChatService:
 
     async def reset(self, channel_id: int) -> int:
         """Forget a channel's conversation; returns the number of turns removed."""
+        self._resets[channel_id] += 1
         return await self.store.reset(channel_id)
 
     @staticmethod

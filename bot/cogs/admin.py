@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # --- what the person reads -------------------------------------------------------------------------
-RESET_DONE = "Done: I forgot this channel's conversation ({turns} messages)."
+RESET_DONE = "Done: I forgot this channel's conversation ({turns} {messages})."
 RESET_NOTHING = "There is nothing to reset: this channel has no conversation with me yet."
 RESET_NOT_ALLOWED = "Only {who} may reset this channel's conversation."
 PRECISION_CURRENT = "The model runs at **{precision}** (available: {available})."
@@ -65,7 +65,8 @@ class AdminCog(commands.Cog):
         channel_id = interaction.channel_id or interaction.user.id
         turns = await self.bot.chat.reset(channel_id)
         log.info("User %s reset channel %s (%d turns)", interaction.user.id, channel_id, turns)
-        sentence = RESET_DONE.format(turns=turns) if turns else RESET_NOTHING
+        messages = "message" if turns == 1 else "messages"
+        sentence = RESET_DONE.format(turns=turns, messages=messages) if turns else RESET_NOTHING
         await interaction.response.send_message(sentence, ephemeral=True)
 
     @app_commands.command(name="precision", description="Show or switch the model's precision (admins)")

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # --- what the person reads -------------------------------------------------------------------------
-HOW_TO_ASK = "Mention me with a picture and a question, for example: @me what is unusual in this photo?"
+HOW_TO_ASK = "Send me a picture with a question (in a server, mention me), for example: what is unusual in this photo?"
+REPLY_UNREADABLE = "I can't see the text of replies that don't mention me: keep the @ mention on when you reply."
 
 _MENTION = re.compile(r"<@!?(\d+)>")
 
@@ -86,7 +87,7 @@ class ChatCog(commands.Cog):
             return
         text = self.question_text(message.content)
         if not text and image is None:
-            await self.say(message, HOW_TO_ASK)
+            await self.say(message, self.nothing_to_answer(message))
             return
         question = Question(
             channel_id=message.channel.id,
@@ -100,6 +101,13 @@ class ChatCog(commands.Cog):
             await self.bot.chat.answer(question, streamer)
         except discord.HTTPException:
             log.exception("Could not reply in channel %s", message.channel.id)
+
+    def nothing_to_answer(self, message: discord.Message) -> str:
+        """Why there is no question: a bare mention, or a reply whose text Discord withheld from the bot."""
+        me = self.bot.user
+        mentioned = me is not None and any(user.id == me.id for user in message.mentions)
+        # Without the Message Content intent, a server reply that doesn't ping the bot arrives without its text.
+        return HOW_TO_ASK if message.guild is None or mentioned else REPLY_UNREADABLE
 
     async def say(self, message: discord.Message, sentence: str) -> None:
         """One short sentence as a reply, without pinging anyone."""
@@ -143,7 +151,13 @@ class ChatCog(commands.Cog):
             text=question.strip() or DEFAULT_QUESTION,
             image=prepared,
         )
-        await self.bot.chat.answer(asked, self.streamer(InteractionSink(interaction)))
+        # Tracked like the answers to messages, so that shutting down ends this reply with a sentence too.
+        task = asyncio.create_task(
+            self.bot.chat.answer(asked, self.streamer(InteractionSink(interaction))), name=f"ask-{interaction.id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await task
 
 
 async def setup(bot: LlavaBot) -> None:

@@ -117,7 +117,7 @@ async def test_full_queue_turns_people_away_politely() -> None:
     with pytest.raises(QueueFull) as caught:
         async with scheduler.slot(4):
             pass
-    assert str(caught.value) == "I already have 2 questions waiting; please try again in a few minutes."
+    assert str(caught.value) == "I'm busy: 2 questions are waiting already; please try again in a few minutes."
     assert not scheduler.is_asking(4)
     for person in people:
         await settle(lambda: person.started)  # noqa: B023 - used before the loop moves on

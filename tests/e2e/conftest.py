@@ -6,15 +6,17 @@ test modules using them need ``pytestmark = pytest.mark.asyncio(loop_scope="sess
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 
 from bot.client import LlavaBot
 from bot.config import Config, parse_config
 from tests.e2e.discord_emulator import DiscordEmulator, running_bot
+from tests.e2e.helpers import ReferenceEngines
 
 
 @pytest_asyncio.fixture
@@ -47,3 +49,11 @@ async def llava_bot(config: Config, emulator: DiscordEmulator) -> AsyncIterator[
     """The real bot, connected to the emulator, ready; closed on exit."""
     async with running_bot(LlavaBot(config, guild_ready_timeout=0.05), emulator, ready_timeout=60) as bot:
         yield bot
+
+
+@pytest.fixture(scope="session")
+def reference() -> Iterator[ReferenceEngines]:
+    """The engine alone, for computing the answers the bot must give; shared by the whole session."""
+    engines = ReferenceEngines()
+    yield engines
+    engines.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 from tests.e2e.discord_emulator import DiscordEmulator
-from tests.e2e.test_bot import png
+from tests.e2e.helpers import png
 
 
 async def test_run_command_answers_and_stops_cleanly(
