@@ -142,7 +142,11 @@ class ChatService:
         completed = await streamer.finish(DROPPED_NOTE.format(kept=kept) if prompt.dropped else "")
         ids = self._ids(streamer)
         if self._resets[question.channel_id] == resets:
-            await self.store.add_assistant_turn(question.channel_id, streamer.text, message_ids=ids)
+            try:
+                await self.store.add_assistant_turn(question.channel_id, streamer.text, message_ids=ids)
+            except Exception:
+                # The person already has the whole answer; only the channel's memory of it is lost.
+                log.exception("Storing the answer in channel %s failed", question.channel_id)
         else:
             # The question went with the reset; an answer stored alone would bring the old conversation back.
             log.info("Channel %s was reset while answering; the answer is not kept", question.channel_id)
