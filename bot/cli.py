@@ -209,6 +209,20 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench ---------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure load time, latency, throughput and memory of every engine and precision; print the table."""
+    from bot.bench.options import options_from_args
+    from bot.bench.runner import BenchError, run_bench
+
+    try:
+        _, report = run_bench(options_from_args(args))
+    except (BenchError, ValueError) as error:
+        raise CliError(str(error)) from error
+    print(report, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="llava-bot", description=__doc__)
@@ -239,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("question", nargs="?", help="ask once and exit; without it, chat interactively")
     chat.set_defaults(func=cmd_chat)
+
+    from bot.bench.options import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__)
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
 
     db = sub.add_parser("db", help=cmd_db.__doc__, description=cmd_db.__doc__)
     db.add_argument("action", choices=("upgrade", "current"))

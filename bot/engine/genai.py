@@ -17,10 +17,55 @@ log = logging.getLogger(__name__)
 
 
 def image_tensor(image: object) -> object:
-    """A PIL image as the uint8 HWC tensor openvino-genai expects."""
+    """A PIL image (or uint8 HWC array) as the uint8 HWC tensor openvino-genai expects."""
     import openvino as ov
 
     return ov.Tensor(np.ascontiguousarray(np.asarray(image, dtype=np.uint8)))
+
+
+def pre_crops(template: ChatTemplate) -> bool:
+    """Whether images should be resized and cropped with the model's own processor before genai sees them.
+
+    LLaVA-1.5 sees one fixed square crop. Doing that step with the model's processor makes genai's (differently
+    rounded) resize a no-op, so genai and the transformers reference see exactly the same pixels.
+    """
+    config = template.processor.image_processor
+    return template.model_type == "llava" and bool(getattr(config, "do_center_crop", False))
+
+
+def tagged_prompt(template: ChatTemplate, conversation: Sequence[Turn], pre_crop: bool) -> tuple[str, list[np.ndarray]]:
+    """The rendered prompt with genai's image tags where the template put image tokens, and the images
+    as uint8 HWC arrays in prompt order (arrays, not tensors, so they can also cross a process boundary)."""
+    text, images = template.render(conversation)
+    parts = text.split(template.image_token)
+    if len(parts) - 1 != len(images):
+        raise EngineError("The chat template placed a different number of images than were given.")
+    # genai writes a newline after every image's tokens itself; the template's own would be a second one.
+    tails = [part.removeprefix("\n") for part in parts[1:]]
+    tagged = parts[0] + "".join(f"<ov_genai_image_{i}>{tail}" for i, tail in enumerate(tails))
+    if pre_crop and images:
+        pixels = template.processor.image_processor(images, do_normalize=False, do_rescale=False, return_tensors="np")[
+            "pixel_values"
+        ]
+        return tagged, [np.ascontiguousarray(np.asarray(p, dtype=np.uint8).transpose(1, 2, 0)) for p in pixels]
+    return tagged, [np.ascontiguousarray(np.asarray(image, dtype=np.uint8)) for image in images]
+
+
+def generation_config(settings: GenerationSettings) -> object:
+    """openvino-genai's GenerationConfig for our settings (the prompt is always rendered already)."""
+    import openvino_genai
+
+    config = openvino_genai.GenerationConfig()
+    config.max_new_tokens = settings.max_new_tokens
+    config.ignore_eos = settings.ignore_eos
+    config.apply_chat_template = False  # the prompt is already rendered with the model's template
+    if settings.greedy:
+        config.do_sample = False
+    else:
+        config.do_sample = True
+        config.temperature = settings.temperature
+        config.top_p = settings.top_p
+    return config
 
 
 class GenaiEngine(Engine):
@@ -35,10 +80,7 @@ class GenaiEngine(Engine):
         self._genai = openvino_genai
         self.template = ChatTemplate(model_dir)
         self.pipeline = openvino_genai.VLMPipeline(model_dir, device, **self.ov_config)
-        config = self.template.processor.image_processor
-        # LLaVA-1.5 sees one fixed square crop. Resizing and cropping with the model's own processor makes
-        # genai's (differently rounded) resize a no-op, so both engines see exactly the same pixels.
-        self._pre_crop = self.template.model_type == "llava" and bool(getattr(config, "do_center_crop", False))
+        self._pre_crop = pre_crops(self.template)
         # One worker: the pipeline holds one KV cache, so requests must take turns.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genai")
 
@@ -50,32 +92,11 @@ class GenaiEngine(Engine):
         return self.template.count_tokens(conversation)
 
     def _config(self, settings: GenerationSettings) -> object:
-        config = self._genai.GenerationConfig()
-        config.max_new_tokens = settings.max_new_tokens
-        config.ignore_eos = settings.ignore_eos
-        config.apply_chat_template = False  # the prompt is already rendered with the model's template
-        if settings.greedy:
-            config.do_sample = False
-        else:
-            config.do_sample = True
-            config.temperature = settings.temperature
-            config.top_p = settings.top_p
-        return config
+        return generation_config(settings)
 
     def prompt(self, conversation: Sequence[Turn]) -> tuple[str, list[object]]:
         """The rendered prompt with genai's image tags where the template put image tokens."""
-        text, images = self.template.render(conversation)
-        parts = text.split(self.template.image_token)
-        if len(parts) - 1 != len(images):
-            raise EngineError("The chat template placed a different number of images than were given.")
-        # genai writes a newline after every image's tokens itself; the template's own would be a second one.
-        tails = [part.removeprefix("\n") for part in parts[1:]]
-        tagged = parts[0] + "".join(f"<ov_genai_image_{i}>{tail}" for i, tail in enumerate(tails))
-        if self._pre_crop and images:
-            pixels = self.template.processor.image_processor(
-                images, do_normalize=False, do_rescale=False, return_tensors="np"
-            )["pixel_values"]
-            return tagged, [image_tensor(np.asarray(p, dtype=np.uint8).transpose(1, 2, 0)) for p in pixels]
+        tagged, images = tagged_prompt(self.template, conversation, self._pre_crop)
         return tagged, [image_tensor(image) for image in images]
 
     def generate(self, conversation: Sequence[Turn], settings: GenerationSettings) -> TextStream:

@@ -13,8 +13,8 @@ from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream,
 
 log = logging.getLogger(__name__)
 
-EngineKind = Literal["genai", "optimum"]
-ENGINE_KINDS: tuple[EngineKind, ...] = ("genai", "optimum")
+EngineKind = Literal["genai", "genai-batching", "optimum"]
+ENGINE_KINDS: tuple[EngineKind, ...] = ("genai", "genai-batching", "optimum")
 
 
 def load_engine(kind: str, folder: Path, device: str = "CPU", ov_config: dict[str, str] | None = None) -> Engine:
@@ -25,6 +25,10 @@ def load_engine(kind: str, folder: Path, device: str = "CPU", ov_config: dict[st
         from bot.engine.genai import GenaiEngine
 
         return GenaiEngine(str(folder), device, ov_config)
+    if kind == "genai-batching":
+        from bot.engine.batching import BatchingEngine
+
+        return BatchingEngine(str(folder), device, ov_config)
     if kind == "optimum":
         from bot.engine.optimum import OptimumEngine
 

@@ -1,0 +1,397 @@
+"""Run the whole benchmark: prepare the model, measure every engine and precision, compare, report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bot.bench.machine import ForeignLoad, describe_machine, measure_bandwidth
+from bot.bench.model import BenchModelError, check_model_dir, describe_model
+from bot.bench.options import BenchOptions
+from bot.bench.schema import (
+    Bandwidth,
+    BenchResults,
+    BotResult,
+    ConcurrencyPoint,
+    ConcurrencyResult,
+    EngineResult,
+    ModelInfo,
+    Settings,
+)
+from bot.bench.targets import compute_targets
+from bot.bench.workload import median
+
+log = logging.getLogger(__name__)
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run at all; ``str()`` says why."""
+
+
+class WorkerError(RuntimeError):
+    """One measuring process failed; the benchmark records it and goes on."""
+
+
+def default_engine() -> str:
+    """The engine a freshly configured bot uses: the benchmark's headline numbers are about it."""
+    from bot.config import ModelConfig
+
+    return ModelConfig().engine
+
+
+def known_engines() -> list[str]:
+    """Every engine kind ``load_engine`` accepts."""
+    from bot.engine.manager import ENGINE_KINDS
+
+    return list(ENGINE_KINDS)
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The benchmark never downloads anything; a slow or absent network must not stall a measurement.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("LLAVA_BOT_BENCH_LOG", "INFO")
+    return env
+
+
+def run_module(module: str, args: Sequence[str], log_path: Path, timeout: float) -> dict[str, Any]:
+    """Run ``python -m module args --result FILE`` in a fresh process and return the JSON it wrote.
+
+    The process's stdout and stderr are appended to ``log_path``, which the error names when it fails.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="llava-bench-") as scratch:
+        result = Path(scratch) / "result.json"
+        command = [sys.executable, "-m", module, *args, "--result", str(result)]
+        with log_path.open("ab") as sink:
+            sink.write(f"$ {' '.join(command)}\n".encode())
+            sink.flush()
+            try:
+                done = subprocess.run(
+                    command, stdout=sink, stderr=sink, env=_worker_env(), timeout=timeout, check=False
+                )
+            except subprocess.TimeoutExpired as error:
+                raise WorkerError(
+                    f"{module} {' '.join(args[:4])} took over {timeout:.0f} s (log: {log_path})"
+                ) from error
+        if done.returncode != 0 or not result.exists():
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise WorkerError(f"exit code {done.returncode}: {tail[0][:300]} (log: {log_path})")
+        data: dict[str, Any] = json.loads(result.read_text())
+        return data
+
+
+class Runner:
+    """One benchmark run; :meth:`run` returns the results."""
+
+    def __init__(self, options: BenchOptions) -> None:
+        self.options = options
+        self.logs = options.out / "logs"
+        self.default_engine = default_engine()
+        known = known_engines()
+        engines = options.engines or known
+        unknown = [e for e in engines if e not in known]
+        if unknown:
+            raise BenchError(f"unknown engine {unknown[0]!r}; load_engine knows {', '.join(known)}")
+        # The default engine first: it is the one the targets are about.
+        self.engines = sorted(engines, key=lambda e: (e != self.default_engine, known.index(e)))
+        wanted = options.concurrency_engines
+        if wanted is None:
+            # Batching engines exist to serve several conversations at once, so they are always timed doing it.
+            wanted = [self.default_engine] + [e for e in known if "batching" in e]
+        self.concurrency_engines = [e for e in dict.fromkeys(wanted) if e in self.engines and options.channels]
+
+    # --- the model -------------------------------------------------------------------------------
+    def prepare_model(self) -> tuple[Path, list[str], ModelInfo]:
+        """The folder of precisions to measure, the precisions found there, and its description."""
+        options = self.options
+        if options.model is not None:
+            try:
+                precisions = check_model_dir(options.model, options.precisions)
+            except BenchModelError as error:
+                raise BenchError(str(error)) from error
+            return options.model, precisions, describe_model(options.model, precisions, synthetic=False)
+        log.info("preparing the synthetic benchmark model in %s", options.work_dir)
+        started = time.monotonic()
+        try:
+            prepared = run_module(
+                "bot.bench.model", ["--work-dir", str(options.work_dir)], self.logs / "model.log", 3600.0
+            )
+        except WorkerError as error:
+            raise BenchError(f"could not build and convert the benchmark model: {error}") from error
+        folder = Path(prepared["folder"])
+        log.info("benchmark model ready in %.0f s", time.monotonic() - started)
+        info = describe_model(folder, options.precisions, synthetic=True)
+        return folder, list(options.precisions), info
+
+    # --- one engine on one precision -----------------------------------------------------------------
+    def _worker_args(self, engine: str, folder: Path, cache: Path) -> list[str]:
+        args = ["--engine", engine, "--folder", str(folder), "--cache-dir", str(cache), "--device", self.options.device]
+        for key, value in self.options.ov_config.items():
+            args += ["--ov-config", f"{key}={value}"]
+        return args
+
+    def measure_engine(
+        self, engine: str, precision: str, folder: Path, concurrency: bool, scratch: Path
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+        """Cold starts, warm starts and one measuring process, each fresh: (measured, colds, warms)."""
+        options = self.options
+        colds: list[dict[str, Any]] = []
+        warms: list[dict[str, Any]] = []
+        measured: dict[str, Any] = {}
+        log_path = self.logs / f"{engine}-{precision}.log"
+        for index in range(options.load_runs):
+            # A new, empty compiled-model cache for every cold start; the warm start after it reuses it.
+            cache = scratch / f"cache-{engine}-{precision}-{index}"
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir(parents=True)
+            base = self._worker_args(engine, folder, cache)
+            timeout = options.worker_timeout_s
+            cold = run_module("bot.bench.worker", base, log_path, timeout)
+            colds.append(cold)
+            if index == 0:
+                extra = [
+                    "--measure",
+                    f"--runs={options.runs}",
+                    f"--new-tokens={options.new_tokens}",
+                    f"--follow-up-tokens={options.follow_up_tokens}",
+                ]
+                if concurrency:
+                    extra += ["--channels", *map(str, options.channels)]
+                    extra += [
+                        f"--concurrency-runs={options.runs}",
+                        f"--concurrency-tokens={options.concurrency_tokens}",
+                    ]
+                measured = run_module("bot.bench.worker", base + extra, log_path, timeout)
+                warms.append(measured)
+            else:
+                warms.append(run_module("bot.bench.worker", base, log_path, timeout))
+            if not any(cache.iterdir()):
+                log.warning("%s on %s wrote nothing to its CACHE_DIR: warm starts cannot be faster", engine, precision)
+            shutil.rmtree(cache, ignore_errors=True)
+            log.info(
+                "%s %s: cold start %.2f s, warm start %.2f s", engine, precision, cold["load_s"], warms[-1]["load_s"]
+            )
+        return measured, colds, warms
+
+    # --- the whole run ---------------------------------------------------------------------------------
+    def run(self) -> BenchResults:
+        """Measure everything the options ask for."""
+        options = self.options
+        started = time.monotonic()
+        date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        options.out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.logs, ignore_errors=True)
+        if "CACHE_DIR" in options.ov_config:
+            log.warning("ignoring --ov-config CACHE_DIR: the benchmark manages the cache to time cold and warm starts")
+            options.ov_config.pop("CACHE_DIR")
+        machine = describe_machine()
+        foreign = ForeignLoad()
+        folder, precisions, model = self.prepare_model()
+        results = BenchResults(
+            date=date,
+            machine=machine,
+            model=model,
+            settings=Settings(
+                runs=options.runs,
+                load_runs=options.load_runs,
+                new_tokens=options.new_tokens,
+                follow_up_tokens=options.follow_up_tokens,
+                concurrency_tokens=options.concurrency_tokens,
+                channels=list(options.channels),
+                engines=self.engines,
+                precisions=precisions,
+                default_engine=self.default_engine,
+                device=options.device,
+                ov_config=dict(options.ov_config),
+                quick=options.quick,
+            ),
+        )
+        # Measured while nothing else runs: the engines' worker processes would compete for memory.
+        results.bandwidth = measure_bandwidth(options.bandwidth_mib)
+        concurrency_precision = "INT4" if "INT4" in precisions else precisions[0]
+        with tempfile.TemporaryDirectory(prefix="llava-bench-cache-", dir=options.out) as scratch:
+            for engine in self.engines:
+                for precision in precisions:
+                    concurrent = engine in self.concurrency_engines and precision == concurrency_precision
+                    log.info("measuring %s on %s (%.0f s so far)", engine, precision, time.monotonic() - started)
+                    result = EngineResult(engine=engine, precision=precision)
+                    try:
+                        measured, colds, warms = self.measure_engine(
+                            engine, precision, folder / precision, concurrent, Path(scratch)
+                        )
+                    except WorkerError as error:
+                        log.error("%s on %s failed: %s", engine, precision, error)
+                        result.error = str(error)
+                        results.engines.append(result)
+                        if concurrent:
+                            results.concurrency.append(
+                                ConcurrencyResult(engine, precision, options.concurrency_tokens, error=str(error))
+                            )
+                        continue
+                    fill_engine_result(
+                        result,
+                        measured=measured,
+                        colds=colds,
+                        warms=warms,
+                        model=model,
+                    )
+                    results.engines.append(result)
+                    if concurrent:
+                        results.concurrency.append(concurrency_result(engine, precision, options, measured))
+            if options.bot:
+                results.bot = self.measure_bot(folder, concurrency_precision, results, Path(scratch))
+            else:
+                results.bot = BotResult(status="unavailable", reason="skipped (--no-bot)")
+        # Measured again at the end and the better kept: a neighbour on a shared host can slow one measurement.
+        results.bandwidth = best_bandwidth(results.bandwidth, measure_bandwidth(options.bandwidth_mib))
+        apply_bandwidth(results)
+        results.targets = compute_targets(results)
+        results.wall_time_s = time.monotonic() - started
+        machine.foreign_cpu_share = foreign.share()
+        if machine.foreign_cpu_share is not None and machine.foreign_cpu_share > 0.05:
+            log.warning(
+                "other processes used %.0f%% of the CPU during the benchmark: its numbers are lower than this "
+                "machine can do",
+                machine.foreign_cpu_share * 100,
+            )
+        return results
+
+    def measure_bot(self, folder: Path, precision: str, results: BenchResults, scratch: Path) -> BotResult:
+        """The whole bot through the loopback Discord emulator, in a process of its own."""
+        from bot.bench.whole_bot import bot_unavailable_reason
+
+        reason = bot_unavailable_reason()
+        if reason is not None:
+            log.info("not measuring through the bot: %s", reason)
+            return BotResult(status="unavailable", reason=reason)
+        engine = self.default_engine
+        raw = results.engine(engine, precision)
+        args = [
+            "--model-dir", str(folder),
+            "--engine", engine,
+            "--precision", precision,
+            "--runs", str(self.options.runs),
+            "--new-tokens", str(self.options.new_tokens),
+            "--cache-dir", str(scratch / "cache-bot"),
+            "--device", self.options.device,
+        ]  # fmt: skip
+        for key, value in self.options.ov_config.items():
+            args += ["--ov-config", f"{key}={value}"]
+        log.info("measuring %s on %s through the bot and the loopback Discord emulator", engine, precision)
+        try:
+            data = run_module("bot.bench.whole_bot", args, self.logs / "bot.log", self.options.worker_timeout_s)
+        except WorkerError as error:
+            log.error("the measurement through the bot failed: %s", error)
+            return BotResult(status="failed", reason=str(error), engine=engine, precision=precision)
+        result = BotResult(**data)
+        if raw is not None and raw.decode_tokens_per_s:
+            result.engine_tokens_per_s = raw.decode_tokens_per_s
+            if result.bot_tokens_per_s:
+                result.overhead_ratio = result.bot_tokens_per_s / raw.decode_tokens_per_s
+        return result
+
+
+def fill_engine_result(
+    result: EngineResult,
+    *,
+    measured: dict[str, Any],
+    colds: list[dict[str, Any]],
+    warms: list[dict[str, Any]],
+    model: ModelInfo,
+) -> None:
+    """Summarise the processes of one engine and precision into ``result`` (medians, samples kept)."""
+    runs = measured.get("runs", [])
+    samples: dict[str, list[Any]] = {
+        "load_cold_s": [c["load_s"] for c in colds],
+        "load_warm_s": [w["load_s"] for w in warms],
+        "import_s": [p["import_s"] for p in colds + warms],
+        "peak_rss_cold_mb": [c["peak_rss_mb"] for c in colds],
+        "ttft_new_image_s": [r["new_image"]["ttft_s"] for r in runs],
+        "ttft_follow_up_s": [r["follow_up"]["ttft_s"] for r in runs],
+        "decode_tokens_per_s": [r["new_image"]["decode_tokens_per_s"] for r in runs],
+        "new_tokens": [r["new_image"]["new_tokens"] for r in runs],
+    }
+    result.samples = samples
+    result.load_cold_s = median(samples["load_cold_s"])
+    result.load_warm_s = median(samples["load_warm_s"])
+    result.import_s = median(samples["import_s"])
+    result.peak_rss_cold_mb = median(samples["peak_rss_cold_mb"])
+    result.ttft_new_image_s = median(samples["ttft_new_image_s"])
+    result.ttft_follow_up_s = median(samples["ttft_follow_up_s"])
+    result.decode_tokens_per_s = median(samples["decode_tokens_per_s"])
+    if runs:
+        result.prompt_tokens_new_image = runs[0]["new_image"]["prompt_tokens"] or None
+        result.prompt_tokens_follow_up = runs[0]["follow_up"]["prompt_tokens"] or None
+    result.peak_rss_mb = measured.get("peak_rss_mb")
+    result.loop_lag_p50_ms = measured.get("loop_lag_p50_ms")
+    result.loop_lag_p99_ms = measured.get("loop_lag_p99_ms")
+    result.language_model_bytes = model.language_model_bytes.get(result.precision)
+
+
+def apply_bandwidth(results: BenchResults) -> None:
+    """Set every result's bandwidth bound and the share of it that its decode speed reaches."""
+    if results.bandwidth is None:
+        return
+    for result in results.engines:
+        if not result.language_model_bytes:
+            continue
+        # Every decode step reads all language-model weights once (the token embedding table is a separate
+        # model of which one row is read), so memory bandwidth / weight bytes bounds the decode rate.
+        result.bandwidth_bound_tokens_per_s = results.bandwidth.gb_per_s * 1e9 / result.language_model_bytes
+        if result.decode_tokens_per_s:
+            result.bandwidth_fraction = result.decode_tokens_per_s / result.bandwidth_bound_tokens_per_s
+
+
+def concurrency_result(
+    engine: str, precision: str, options: BenchOptions, measured: dict[str, Any]
+) -> ConcurrencyResult:
+    """Medians over the repetitions of every channel count."""
+    result = ConcurrencyResult(engine, precision, options.concurrency_tokens)
+    result.peak_rss_mb = measured.get("peak_rss_concurrent_mb")
+    for entry in measured.get("concurrency", []):
+        reps = entry["reps"]
+        count = entry["channels"]
+        per_channel = [median([rep["ttft_s"][i] for rep in reps]) for i in range(count)]
+        point = ConcurrencyPoint(
+            channels=count,
+            aggregate_tokens_per_s=median([rep["aggregate_tokens_per_s"] for rep in reps]),
+            aggregate_decode_tokens_per_s=median([rep["aggregate_decode_tokens_per_s"] for rep in reps]),
+            wall_s=median([rep["wall_s"] for rep in reps]),
+            ttft_s=per_channel,
+            ttft_max_s=max((t for t in per_channel if t is not None), default=None),
+            loop_lag_p99_ms=median([rep["loop_lag_p99_ms"] for rep in reps]),
+            samples={key: [rep[key] for rep in reps] for key in reps[0]} if reps else {},
+        )
+        result.points.append(point)
+    return result
+
+
+def best_bandwidth(first: Bandwidth, second: Bandwidth) -> Bandwidth:
+    """One bandwidth from two measurements: the higher, with every sample kept."""
+    return Bandwidth(
+        gb_per_s=max(first.gb_per_s, second.gb_per_s),
+        samples_gb_per_s=first.samples_gb_per_s + second.samples_gb_per_s,
+        array_mib=first.array_mib,
+        method=f"{first.method}, measured at the start and at the end",
+    )
+
+
+def run_bench(options: BenchOptions) -> tuple[BenchResults, str]:
+    """Run the benchmark and write its reports; returns the results and the Markdown report."""
+    from bot.bench.report import write_reports
+
+    results = Runner(options).run()
+    markdown = write_reports(results, options.out)
+    return results, markdown

@@ -1,0 +1,189 @@
+"""The shape of ``results.json``: plain dataclasses, every field present even when not measured (``null``).
+
+Times are seconds, rates tokens per second, memory MiB unless a field's name says otherwise. Every
+``*_s``/rate field that summarises several runs is their median; the raw values are kept in ``samples``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Machine:
+    """Where the benchmark ran."""
+
+    cpu_model: str
+    logical_cpus: int
+    usable_cpus: int
+    ram_gib: float | None
+    system: str
+    python: str
+    versions: dict[str, str | None] = field(default_factory=dict)
+    load_average: list[float] | None = None
+    # CPU time of other processes during the run, as a share of all usable cores (0.0 = a quiet machine).
+    foreign_cpu_share: float | None = None
+
+
+@dataclass
+class Bandwidth:
+    """Single-thread memory read bandwidth (1 GB = 10^9 bytes)."""
+
+    gb_per_s: float
+    samples_gb_per_s: list[float]
+    array_mib: int
+    method: str
+
+
+@dataclass
+class ModelInfo:
+    """The measured model."""
+
+    path: str
+    synthetic: bool
+    description: str
+    model_type: str | None = None
+    image_tokens: int | None = None
+    vocab_size: int | None = None
+    # Bytes of the language model's weights per precision: what one decode step has to read.
+    language_model_bytes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Settings:
+    """How the benchmark was run."""
+
+    runs: int
+    load_runs: int
+    new_tokens: int
+    follow_up_tokens: int
+    concurrency_tokens: int
+    channels: list[int]
+    engines: list[str]
+    precisions: list[str]
+    default_engine: str
+    device: str
+    ov_config: dict[str, str]
+    quick: bool
+
+
+@dataclass
+class EngineResult:
+    """One engine on one precision. ``error`` is set (and most numbers null) when it could not run."""
+
+    engine: str
+    precision: str
+    load_cold_s: float | None = None
+    load_warm_s: float | None = None
+    # Python imports the engine needs before it can load anything (the same cold or warm).
+    import_s: float | None = None
+    ttft_new_image_s: float | None = None
+    ttft_follow_up_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    prompt_tokens_new_image: int | None = None
+    prompt_tokens_follow_up: int | None = None
+    peak_rss_mb: float | None = None
+    peak_rss_cold_mb: float | None = None
+    language_model_bytes: int | None = None
+    bandwidth_bound_tokens_per_s: float | None = None
+    bandwidth_fraction: float | None = None
+    # Lateness of the measuring process's own event loop while this engine generated.
+    loop_lag_p50_ms: float | None = None
+    loop_lag_p99_ms: float | None = None
+    error: str | None = None
+    samples: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class ConcurrencyPoint:
+    """``channels`` conversations, each with a new image, started together."""
+
+    channels: int
+    aggregate_tokens_per_s: float | None = None
+    aggregate_decode_tokens_per_s: float | None = None
+    wall_s: float | None = None
+    ttft_s: list[float | None] = field(default_factory=list)
+    ttft_max_s: float | None = None
+    loop_lag_p99_ms: float | None = None
+    samples: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class ConcurrencyResult:
+    """Concurrency measurements of one engine on one precision."""
+
+    engine: str
+    precision: str
+    tokens_per_channel: int
+    points: list[ConcurrencyPoint] = field(default_factory=list)
+    peak_rss_mb: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class BotResult:
+    """The whole bot against the loopback Discord emulator. ``status`` is "measured", "unavailable" or "failed"."""
+
+    status: str = "unavailable"
+    reason: str | None = None
+    engine: str | None = None
+    precision: str | None = None
+    mention_to_first_text_s: float | None = None
+    mention_to_final_edit_s: float | None = None
+    bot_tokens_per_s: float | None = None
+    engine_tokens_per_s: float | None = None
+    # bot_tokens_per_s / engine_tokens_per_s: 1.0 means the bot costs nothing on top of the engine.
+    overhead_ratio: float | None = None
+    loop_lag_p50_ms: float | None = None
+    loop_lag_p99_ms: float | None = None
+    edits_per_answer: float | None = None
+    samples: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Target:
+    """A goal shown as a ratio; ``met`` is null when a number it needs was not measured."""
+
+    name: str
+    value: float | None
+    goal: float
+    comparison: str  # ">=" or "<="
+    unit: str
+    detail: str
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.goal if self.comparison == ">=" else self.value <= self.goal
+
+
+@dataclass
+class BenchResults:
+    """Everything one ``llava-bot bench`` run measured."""
+
+    date: str
+    machine: Machine
+    model: ModelInfo
+    settings: Settings
+    bandwidth: Bandwidth | None = None
+    engines: list[EngineResult] = field(default_factory=list)
+    concurrency: list[ConcurrencyResult] = field(default_factory=list)
+    bot: BotResult = field(default_factory=BotResult)
+    targets: list[Target] = field(default_factory=list)
+    wall_time_s: float | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def engine(self, engine: str, precision: str) -> EngineResult | None:
+        """The result of ``engine`` on ``precision``, if it was measured."""
+        return next((r for r in self.engines if r.engine == engine and r.precision == precision), None)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; targets carry their computed ``met`` too."""
+        data = dataclasses.asdict(self)
+        data["targets"] = [{**dataclasses.asdict(t), "met": t.met} for t in self.targets]
+        return data
