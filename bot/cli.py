@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bot.engine import variants
 from bot.engine.convert import DEFAULT_MODEL
+from bot.engine.manager import ENGINE_KINDS
 
 log = logging.getLogger("bot")
 
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
     chat.add_argument("--model", required=True, help="one precision folder, e.g. models/llava-1.5-7b-hf/INT4")
-    chat.add_argument("--engine", choices=("genai", "optimum"), default="genai")
+    chat.add_argument("--engine", choices=ENGINE_KINDS, default="genai")
     chat.add_argument("--device", default="CPU", help="CPU, GPU or AUTO (default: CPU)")
     chat.add_argument("--image", action="append", default=[], help="image for the (first) question; repeatable")
     chat.add_argument("--ov-config", action="append", default=[], metavar="KEY=VALUE", help="OpenVINO property")

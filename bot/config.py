@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot.engine.manager import ENGINE_KINDS
 from bot.engine.variants import PRECISIONS
 
 DISCORD_TOKEN_ENV = "DISCORD_TOKEN"
@@ -51,7 +52,7 @@ class ModelConfig:
     source: str = "llava-hf/llava-1.5-7b-hf"
     auto_convert: bool = False
     precision: str = "INT4"
-    engine: str = "genai"
+    engine: str = "genai-batching"
     device: str = "CPU"
     # OpenVINO properties, e.g. {CACHE_DIR = "data/ov-cache"}.
     ov_config: dict[str, str] = field(default_factory=lambda: {"CACHE_DIR": "data/ov-cache"})
@@ -136,8 +137,8 @@ def _validate(config: Config) -> None:
     model.precision = model.precision.upper()
     if model.precision not in PRECISIONS:
         raise ConfigError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {model.precision!r}")
-    if model.engine not in ("genai", "optimum"):
-        raise ConfigError(f"model.engine must be 'genai' or 'optimum', got {model.engine!r}")
+    if model.engine not in ENGINE_KINDS:
+        raise ConfigError(f"model.engine must be one of {', '.join(ENGINE_KINDS)}, got {model.engine!r}")
     if model.max_new_tokens < 1:
         raise ConfigError("model.max_new_tokens must be at least 1")
     if not 0.0 <= model.temperature <= 5.0 or not 0.0 < model.top_p <= 1.0:

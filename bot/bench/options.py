@@ -72,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default: {DEFAULT_OUT})")
     parser.add_argument("--runs", type=int, help="generations per measurement (default: 3, quick: 1)")
-    parser.add_argument("--load-runs", type=int, help="cold and warm starts per engine and precision (default: 3)")
+    parser.add_argument(
+        "--load-runs", type=int, help="cold and warm starts per engine and precision (default: 3, quick: 1)"
+    )
     parser.add_argument("--new-tokens", type=int, help="tokens per timed answer (default: 64, quick: 8)")
     parser.add_argument(
         "--concurrency-tokens", type=int, help="tokens per answer with concurrent conversations (default: 256)"

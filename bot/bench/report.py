@@ -74,14 +74,21 @@ def _target_goal(target: Target) -> str:
     return f"{target.comparison} {target.goal:g}x"
 
 
+# Rows measured while other processes took more than this share of the CPU are marked in the table.
+BUSY_SHARE = 0.10
+BUSY_MARK = "†"
+
+
 def _engine_row(result: EngineResult) -> list[str]:
+    busy = result.foreign_cpu_share is not None and result.foreign_cpu_share > BUSY_SHARE
+    engine = f"{result.engine} {BUSY_MARK}" if busy else result.engine
     if result.error:
-        return [result.engine, result.precision, f"failed: {result.error}", *([""] * 7)]
+        return [engine, result.precision, f"failed: {result.error}", *([""] * 7)]
     bound = MISSING
     if result.bandwidth_fraction is not None and result.bandwidth_bound_tokens_per_s is not None:
         bound = f"{result.bandwidth_fraction * 100:.0f}% of {result.bandwidth_bound_tokens_per_s:.0f}"
     return [
-        result.engine,
+        engine,
         result.precision,
         _num(result.load_cold_s),
         _num(result.load_warm_s),
@@ -138,6 +145,10 @@ def markdown(results: BenchResults) -> str:
         ],
         [_engine_row(r) for r in results.engines],
     )
+    busy = [r for r in results.engines if r.foreign_cpu_share is not None and r.foreign_cpu_share > BUSY_SHARE]
+    if busy:
+        shares = ", ".join(f"{r.engine} {r.precision} {(r.foreign_cpu_share or 0.0) * 100:.0f}%" for r in busy)
+        lines += ["", f"{BUSY_MARK} Other processes were busy while this row was measured ({shares} of the CPU)."]
     first = next((r for r in results.engines if r.prompt_tokens_new_image), None)
     if first is not None:
         lines += [

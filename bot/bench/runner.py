@@ -227,6 +227,7 @@ class Runner:
                     concurrent = engine in self.concurrency_engines and precision == concurrency_precision
                     log.info("measuring %s on %s (%.0f s so far)", engine, precision, time.monotonic() - started)
                     result = EngineResult(engine=engine, precision=precision)
+                    row_load = ForeignLoad()
                     try:
                         measured, colds, warms = self.measure_engine(
                             engine, precision, folder / precision, concurrent, Path(scratch)
@@ -240,6 +241,7 @@ class Runner:
                                 ConcurrencyResult(engine, precision, options.concurrency_tokens, error=str(error))
                             )
                         continue
+                    result.foreign_cpu_share = row_load.share()
                     fill_engine_result(
                         result,
                         measured=measured,

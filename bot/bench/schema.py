@@ -94,6 +94,8 @@ class EngineResult:
     # Lateness of the measuring process's own event loop while this engine generated.
     loop_lag_p50_ms: float | None = None
     loop_lag_p99_ms: float | None = None
+    # CPU time other processes took while this row was measured, as a share of all cores (see Machine).
+    foreign_cpu_share: float | None = None
     error: str | None = None
     samples: dict[str, list[Any]] = field(default_factory=dict)
 

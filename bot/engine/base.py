@@ -8,7 +8,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from PIL import Image
@@ -169,12 +169,3 @@ def start_worker(name: str, target: Callable[[], None]) -> threading.Thread:
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     return thread
-
-
-@dataclass
-class EngineOptions:
-    """Everything needed to load an engine for one precision folder."""
-
-    kind: Literal["genai", "optimum"] = "genai"
-    device: str = "CPU"
-    ov_config: dict[str, str] = field(default_factory=dict)
