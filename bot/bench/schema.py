@@ -159,6 +159,7 @@ class Target:
 
     @property
     def met(self) -> bool | None:
+        """Whether the measured value reaches the goal; None when it was not measured."""
         if self.value is None:
             return None
         return self.value >= self.goal if self.comparison == ">=" else self.value <= self.goal

@@ -118,6 +118,7 @@ class PeakMemory:
         return max(self._peak, _self_peak_mb())
 
     def stop(self) -> None:
+        """End the sampling thread."""
         self._stop.set()
         self._thread.join()
 
