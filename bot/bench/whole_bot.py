@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import importlib.util
 import io
-import json
 import logging
 import os
 import sys
@@ -27,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bot.bench.workload import FIRST_QUESTION, LoopLag, make_image, median, percentile
+from bot.bench.workload import FIRST_QUESTION, LoopLag, emit_result, make_image, median, percentile
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         result.update(engine=args.engine, precision=args.precision)
-    text = json.dumps(result)
-    if args.result:
-        Path(args.result).write_text(text + "\n")
-    else:
-        print(text)
+    emit_result(result, args.result)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import logging
 import os
 import resource
@@ -29,6 +28,7 @@ from bot.bench.workload import (
     LoopLag,
     Timing,
     decode_union_rate,
+    emit_result,
     make_image,
     timed_generation,
 )
@@ -284,11 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     result = asyncio.run(measure(args))
-    text = json.dumps(result)
-    if args.result:
-        Path(args.result).write_text(text + "\n")
-    else:
-        print(text)
+    emit_result(result, args.result)
     return 0
 
 

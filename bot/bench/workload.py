@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import statistics
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -162,3 +165,12 @@ def median(values: Sequence[float | None]) -> float | None:
     """Median of the values that were measured, or None when none was."""
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
+
+
+def emit_result(result: dict[str, Any], path: str | None) -> None:
+    """Hand a measuring child process's result to the parent: as a JSON file, or on stdout without one."""
+    text = json.dumps(result)
+    if path:
+        Path(path).write_text(text + "\n")
+    else:
+        print(text)
