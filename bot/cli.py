@@ -206,7 +206,7 @@ def cmd_db(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from error
     if args.action == "upgrade":
         upgrade_sync(config.database.url, args.revision)
-    print(current_revision(config.database.url) or "(empty database)")
+    print(asyncio.run(current_revision(config.database.url)) or "(empty database)")
     return 0
 
 

@@ -13,6 +13,7 @@ configuration is built here, so ``llava-bot db upgrade`` and the bot's start-up 
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,20 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-import bot
-
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(bot.__file__).resolve().parent.parent / "migrations"
+
+def _migrations_dir() -> Path:
+    # Installed, the scripts are the package ``bot.migrations``; in a source checkout run without installing,
+    # they are the top-level ``migrations/`` folder that package is built from.
+    try:
+        folder = Path(str(importlib.resources.files("bot.migrations")))
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parents[2] / "migrations"
+    return folder
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 # Long enough to ride out a burst of writers from busy channels; a write waiting this long means
 # something is stuck, and failing then is better than hanging forever.

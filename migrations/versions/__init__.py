@@ -1,0 +1,1 @@
+"""Revision scripts; Alembic loads them by path."""
