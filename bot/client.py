@@ -19,6 +19,7 @@ from bot.config import Config
 from bot.engine import variants
 from bot.engine.base import GenerationSettings
 from bot.engine.manager import ModelManager
+from bot.loopwatch import LoopWatch
 from bot.store.db import create_engine, session_factory, upgrade
 from bot.store.history import HistoryStore
 
@@ -54,10 +55,12 @@ class LlavaBot(commands.Bot):
             **options,
         )
         self.config = config
+        self.loop_watch = LoopWatch()
         self.tree.error(self.on_app_command_error)
 
     async def setup_hook(self) -> None:
         config = self.config
+        self.loop_watch.start()
         await upgrade(config.database.url)
         self.db_engine = create_engine(config.database.url)
         self.store = HistoryStore(session_factory(self.db_engine))
@@ -117,6 +120,8 @@ class LlavaBot(commands.Bot):
             await self.http_session.close()
         if hasattr(self, "db_engine"):
             await self.db_engine.dispose()
+        await self.loop_watch.stop()
+        log.info("Event loop lag over this run: %s", self.loop_watch.summary())
 
 
 def point_at(config: Config) -> None:
