@@ -60,7 +60,6 @@ class LlavaBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         config = self.config
-        self.loop_watch.start()
         await upgrade(config.database.url)
         self.db_engine = create_engine(config.database.url)
         self.store = HistoryStore(session_factory(self.db_engine))
@@ -80,6 +79,8 @@ class LlavaBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
+        # Loading the model holds the GIL for seconds; what matters is the lag once the bot serves.
+        self.loop_watch.start()
 
     async def sync_commands(self) -> None:
         """Register slash commands globally and, for instant availability, in the configured servers."""
