@@ -40,7 +40,7 @@ async def test_a_burst_of_mentions_is_answered_once_each(
     channels = [emulator.channel_id, emulator.second_channel_id]
     channels += [emulator.add_text_channel(f"burst-{i}") for i in range(CHANNELS - len(channels))]
     people = [emulator.add_user(f"person{i}") for i in range(PEOPLE)]
-    config = {
+    config: dict[str, dict[str, object]] = {
         "model": {"engine": "genai-batching", "max_new_tokens": 8},
         "chat": {"max_queue": PEOPLE * ROUNDS},
     }
