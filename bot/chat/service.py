@@ -43,6 +43,8 @@ class Question:
     text: str
     image: PreparedImage | None = None
     message_id: int | None = None
+    # A line shown after the answer (not stored), e.g. which attachments were not looked at.
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ class ChatService:
         finally:
             stream.cancel()
         kept = len(prompt.conversation)
-        completed = await streamer.finish(DROPPED_NOTE.format(kept=kept) if prompt.dropped else "")
+        dropped = DROPPED_NOTE.format(kept=kept) if prompt.dropped else ""
+        completed = await streamer.finish(dropped + question.note)
         ids = self._ids(streamer)
         if self._resets[question.channel_id] == resets:
             try:
@@ -198,4 +201,3 @@ class ChatService:
     @staticmethod
     def _ids(streamer: ReplyStreamer[Any]) -> tuple[int, ...]:
         return tuple(int(getattr(m, "id", 0)) for m in streamer.messages if getattr(m, "id", None))
-

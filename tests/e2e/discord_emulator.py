@@ -401,6 +401,8 @@ class DiscordEmulator:
         self.resume_count = 0
 
         self._uploads: dict[int, tuple[bytes, str, str]] = {}  # attachment id -> data, type, signature
+        self.cdn_fetches: list[int] = []
+        """The attachment id of every CDN download, in order."""
         self._connections: set[_GatewayConnection] = set()
         self._sessions: dict[str, int] = {}
         self._edit_limit: _EditLimit | None = None
@@ -1589,6 +1591,7 @@ class DiscordEmulator:
     # ----------------------------------------------------------------------------- CDN and gateway
 
     async def _cdn(self, request: web.Request) -> web.Response:
+        self.cdn_fetches.append(int(request.match_info["attachment_id"]))
         upload = self._uploads.get(int(request.match_info["attachment_id"]))
         if upload is None or request.query.get("hm") != upload[2]:
             return web.Response(status=404, text="This content is no longer available.")
