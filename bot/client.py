@@ -43,10 +43,11 @@ class LlavaBot(commands.Bot):
     db_engine: AsyncEngine
 
     def __init__(self, config: Config, **options: Any) -> None:
-        # Message Content is a privileged intent the bot doesn't need: Discord still delivers the content
-        # and attachments of messages that mention the bot (a reply that pings it counts) and of DMs.
+        # Message Content is a privileged intent the bot needs only for replies to other people's pictures:
+        # Discord still delivers the content and attachments of messages that mention the bot (a reply
+        # that pings it counts) and of DMs.
         intents = discord.Intents.default()
-        intents.message_content = False
+        intents.message_content = config.discord.message_content_intent
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,

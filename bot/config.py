@@ -42,6 +42,10 @@ class DiscordConfig:
     edit_interval: float = 1.0
     # Register slash commands in these servers (instant), in addition to globally.
     command_guild_ids: list[int] = field(default_factory=list)
+    # Ask for the privileged Message Content intent (it must also be switched on in the Developer Portal).
+    # Only with it does Discord show the bot the images of messages that don't mention it, which a
+    # question replying to someone else's picture needs.
+    message_content_intent: bool = False
 
 
 @dataclass

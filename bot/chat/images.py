@@ -32,12 +32,19 @@ DOWNLOAD_FAILED = "I couldn't download that image; please try sending it again."
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _DETECTED_FORMATS = {*ACCEPTED_FORMATS, "MPO"}
 
-# JPEG rather than PNG for what we store: photos dominate, and a 2048 px photo is several MB as PNG but
-# a few hundred kB as JPEG, which matters because every stored turn is kept in the history database and
-# re-read on follow-ups. The model looks at 336-672 px, where quality-92 artefacts are invisible; full
-# chroma resolution (no 4:2:0 subsampling) keeps thin coloured text in screenshots legible.
-STORED_MIME = "image/jpeg"
-_JPEG_OPTIONS: dict[str, object] = {"quality": 92, "subsampling": 0}
+# What is stored is what the person sent whenever it fits the limits: any re-encoding (even JPEG at
+# quality 92) changes the pixels, and with them the model's answers. Only an upload that must be
+# shrunk is stored as a new file, and then losslessly as PNG, so the stored bytes still decode to
+# exactly the pixels the model saw. Phone JPEGs with a second picture (MPO) are JPEG files.
+_MIME_TYPES = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+}
+RESIZED_MIME = "image/png"
 _WHITE = (255, 255, 255)
 _MB = 1024 * 1024
 _DOWNLOAD_CHUNK = 64 * 1024
@@ -90,26 +97,14 @@ def check_size(n_bytes: int, limits: ImageLimits) -> None:
 
 
 def load_image(data: bytes, limits: ImageLimits) -> PreparedImage:
-    """Validate and normalise an uploaded image; raises :class:`ImageRejected` with a sentence to show.
+    """Validate an uploaded image and decide what to store; raises :class:`ImageRejected` with a sentence.
 
-    Blocking (decoding and re-encoding take tens of milliseconds): run it with ``asyncio.to_thread``.
+    The upload itself is stored when its longest side is within ``limits.max_side``; otherwise a PNG of
+    the shrunk picture is. ``image`` is what :func:`decode_stored` makes of the stored bytes.
+    Blocking (decoding takes tens of milliseconds): run it with ``asyncio.to_thread``.
     """
     check_size(len(data), limits)
-    try:
-        # Pillow warns (and past twice its limit, raises) when the header declares a huge image. The
-        # warning becomes an error here so it lands in the except clause below. catch_warnings swaps
-        # the process-wide filter list; two threads racing can at worst leave this same filter behind.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            source = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(TOO_MANY_PIXELS_UNKNOWN.format(limit=_format_megapixels(limits.max_pixels))) from exc
-    except UnidentifiedImageError as exc:
-        raise ImageRejected(NOT_AN_IMAGE) from exc
-    except Exception as exc:  # a recognised format whose header is malformed
-        log.info("upload rejected: unreadable header (%s)", exc)
-        raise ImageRejected(DAMAGED) from exc
-
+    source = _open(data, limits)
     with source:
         if source.format not in _DETECTED_FORMATS:
             raise ImageRejected(NOT_AN_IMAGE)
@@ -119,46 +114,80 @@ def load_image(data: bytes, limits: ImageLimits) -> PreparedImage:
             raise ImageRejected(
                 TOO_MANY_PIXELS.format(width=width, height=height, limit=_format_megapixels(limits.max_pixels))
             )
+        kept = max(width, height) <= limits.max_side
         try:
-            picture = _decode(source, limits.max_side)
+            picture = _upright_rgb(source) if kept else _shrunk(source, limits.max_side)
         except Exception as exc:  # truncated or corrupt pixel data; Pillow raises many kinds
             log.info("upload rejected: %s image failed to decode (%s)", source.format, exc)
             raise ImageRejected(DAMAGED) from exc
+        upload_format = str(source.format)
 
-    buffer = io.BytesIO()
-    picture.save(buffer, "JPEG", **_JPEG_OPTIONS)
-    stored = buffer.getvalue()
-    with Image.open(io.BytesIO(stored)) as reloaded:
-        reloaded.load()
-        image = reloaded.copy()
+    if kept:
+        stored, mime = data, _MIME_TYPES[upload_format]
+    else:
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG")
+        stored, mime = buffer.getvalue(), RESIZED_MIME
     log.debug(
-        "image accepted: %s %dx%d, %d bytes -> stored %dx%d, %d bytes",
-        source.format,
+        "image accepted: %s %dx%d, %d bytes -> %s %dx%d, %d bytes",
+        upload_format,
         width,
         height,
         len(data),
-        image.width,
-        image.height,
+        "kept as sent" if kept else "stored as PNG",
+        picture.width,
+        picture.height,
         len(stored),
     )
     return PreparedImage(
-        image=image,
+        image=picture,
         data=stored,
-        mime=STORED_MIME,
-        width=image.width,
-        height=image.height,
+        mime=mime,
+        width=picture.width,
+        height=picture.height,
         sha256=hashlib.sha256(stored).hexdigest(),
     )
 
 
-def _decode(source: Image.Image, max_side: int) -> Image.Image:
-    """Decode the first frame, upright, RGB, with its longest side at most ``max_side``."""
-    # For JPEG this lets libjpeg decode at 1/2, 1/4 or 1/8 scale: far less memory and time for big
-    # photos. It never goes below max_side, so the final resize below still does the real work.
-    source.draft(None, (max_side, max_side))
+def decode_stored(data: bytes) -> Image.Image:
+    """The picture the model sees for stored image bytes: first frame, upright, RGB.
+
+    :func:`load_image` produces its ``image`` the same way, so a follow-up that reloads the stored bytes
+    sees exactly the pixels of the first answer.
+    """
+    with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as source:
+        return _upright_rgb(source)
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    try:
+        # Pillow warns (and past twice its limit, raises) when the header declares a huge image. The
+        # warning becomes an error here so it lands in the except clause below. catch_warnings swaps
+        # the process-wide filter list; two threads racing can at worst leave this same filter behind.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(TOO_MANY_PIXELS_UNKNOWN.format(limit=_format_megapixels(limits.max_pixels))) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageRejected(NOT_AN_IMAGE) from exc
+    except Exception as exc:  # a recognised format whose header is malformed
+        log.info("upload rejected: unreadable header (%s)", exc)
+        raise ImageRejected(DAMAGED) from exc
+
+
+def _upright_rgb(source: Image.Image) -> Image.Image:
+    """Decode the first frame at full size, apply the EXIF orientation and convert it to RGB."""
     source.load()
-    upright = ImageOps.exif_transpose(source)
-    picture = _to_rgb(upright)
+    return _to_rgb(ImageOps.exif_transpose(source))
+
+
+def _shrunk(source: Image.Image, max_side: int) -> Image.Image:
+    """Like :func:`_upright_rgb`, with the longest side brought down to ``max_side``."""
+    # For JPEG this lets libjpeg decode at 1/2, 1/4 or 1/8 scale: far less memory and time for big
+    # photos. It never goes below max_side, so the resize below still does the real work.
+    source.draft(None, (max_side, max_side))
+    picture = _upright_rgb(source)
     if max(picture.size) > max_side:
         picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return picture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import io
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from bot.chat.images import PreparedImage
+from bot.chat.images import PreparedImage, decode_stored
 from bot.chat.prompt import BuiltPrompt, HistoryTurn, build_prompt
 from bot.chat.scheduler import AlreadyAsking, QueueFull, Scheduler
 from bot.chat.streaming import ReplyStreamer
@@ -44,6 +43,8 @@ class Question:
     text: str
     image: PreparedImage | None = None
     message_id: int | None = None
+    # A line shown after the answer (not stored), e.g. which attachments were not looked at.
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ class ChatService:
         finally:
             stream.cancel()
         kept = len(prompt.conversation)
-        completed = await streamer.finish(DROPPED_NOTE.format(kept=kept) if prompt.dropped else "")
+        dropped = DROPPED_NOTE.format(kept=kept) if prompt.dropped else ""
+        completed = await streamer.finish(dropped + question.note)
         ids = self._ids(streamer)
         if self._resets[question.channel_id] == resets:
             try:
@@ -172,7 +174,7 @@ class ChatService:
             data = await self.store.image_bytes(sha)
             if data is None:
                 raise EngineError("The image of this conversation is gone; please send it again.")
-            self._images.put(sha, await asyncio.to_thread(_decode, data))
+            self._images.put(sha, await asyncio.to_thread(decode_stored, data))
         images = self._images
         models = self.models
 
@@ -199,8 +201,3 @@ class ChatService:
     @staticmethod
     def _ids(streamer: ReplyStreamer[Any]) -> tuple[int, ...]:
         return tuple(int(getattr(m, "id", 0)) for m in streamer.messages if getattr(m, "id", None))
-
-
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")

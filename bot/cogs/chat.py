@@ -5,14 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.chat.images import ImageLimits, ImageRejected, PreparedImage, check_size, download, load_image
+from bot.chat.images import (
+    NOT_AN_IMAGE,
+    ImageLimits,
+    ImageRejected,
+    PreparedImage,
+    check_size,
+    download,
+    load_image,
+)
 from bot.chat.service import DEFAULT_QUESTION, Question
+from bot.chat.spoilers import SpoilerStreamer
 from bot.chat.streaming import ReplyStreamer
 from bot.cogs.replies import NO_PINGS, InteractionSink, MessageReplySink
 
@@ -24,8 +35,27 @@ log = logging.getLogger(__name__)
 # --- what the person reads -------------------------------------------------------------------------
 HOW_TO_ASK = "Send me a picture with a question (in a server, mention me), for example: what is unusual in this photo?"
 REPLY_UNREADABLE = "I can't see the text of replies that don't mention me: keep the @ mention on when you reply."
+REPLIED_HIDDEN = (
+    "I can't see the message you replied to: Discord only shows me messages that mention me. "
+    "Send the picture with your question instead."
+)
+NOT_USED_NOTE = "\n-# I looked only at {used}; not used: {others}."
+MORE_NOT_USED = "{names} and {count} more"
+
+# The note stays one short line however many files came and however long their names are.
+_NOTE_NAMES = 3
+_NOTE_NAME_LENGTH = 40
 
 _MENTION = re.compile(r"<@!?(\d+)>")
+
+
+@dataclass(frozen=True)
+class PickedImage:
+    """The image a question is about, whether it was sent as a spoiler, and a note on the files not used."""
+
+    image: PreparedImage
+    spoiler: bool
+    note: str
 
 
 class ChatCog(commands.Cog):
@@ -78,15 +108,22 @@ class ChatCog(commands.Cog):
 
     async def handle_message(self, message: discord.Message) -> None:
         """Turn a Discord message into a question and stream the answer as a reply."""
-        streamer = self.streamer(MessageReplySink(message))
+        attachments: Sequence[discord.Attachment] = message.attachments
+        if not attachments:
+            replied = await self.replied_to(message)
+            if replied is not None and self.withheld(replied):
+                log.info("Message %s replies to %s, which Discord hides from the bot", message.id, replied.id)
+                await self.say(message, REPLIED_HIDDEN)
+                return
+            attachments = replied.attachments if replied is not None else []
         try:
-            image = await self.first_image(message.attachments)
+            picked = await self.pick_image(attachments)
         except ImageRejected as error:
-            log.info("Rejected an attachment from %s in %s: %s", message.author.id, message.channel.id, error)
+            log.info("Rejected the attachments of %s in %s: %s", message.author.id, message.channel.id, error)
             await self.say(message, str(error))
             return
         text = self.question_text(message.content)
-        if not text and image is None:
+        if not text and picked is None:
             await self.say(message, self.nothing_to_answer(message))
             return
         question = Question(
@@ -94,13 +131,43 @@ class ChatCog(commands.Cog):
             author_id=message.author.id,
             author_name=message.author.display_name,
             text=text or DEFAULT_QUESTION,
-            image=image,
+            image=picked.image if picked else None,
             message_id=message.id,
+            note=picked.note if picked else "",
         )
+        streamer = self.streamer(MessageReplySink(message), spoiler=picked is not None and picked.spoiler)
         try:
             await self.bot.chat.answer(question, streamer)
         except discord.HTTPException:
             log.exception("Could not reply in channel %s", message.channel.id)
+
+    async def replied_to(self, message: discord.Message) -> discord.Message | None:
+        """The message that ``message`` replies to, unless it is the bot's own or can't be had."""
+        reference = message.reference
+        if reference is None or reference.message_id is None or reference.type != discord.MessageReferenceType.reply:
+            return None
+        replied = reference.resolved or reference.cached_message
+        if replied is None:
+            # Discord left it out of the event (it does under load); the channel still has it.
+            try:
+                replied = await message.channel.fetch_message(reference.message_id)
+            except discord.HTTPException as error:
+                log.info("Could not fetch message %s replied to by %s: %s", reference.message_id, message.id, error)
+                return None
+        if not isinstance(replied, discord.Message):  # deleted since
+            return None
+        me = self.bot.user
+        return None if me is not None and replied.author.id == me.id else replied
+
+    def withheld(self, replied: discord.Message) -> bool:
+        """Whether Discord hid the content and attachments of ``replied`` from the bot.
+
+        Without the Message Content intent, a server message shows them only to the bots it mentions.
+        """
+        me = self.bot.user
+        if self.bot.intents.message_content or replied.guild is None or me is None:
+            return False
+        return not any(user.id == me.id for user in replied.mentions)
 
     def nothing_to_answer(self, message: discord.Message) -> str:
         """Why there is no question: a bare mention, or a reply whose text Discord withheld from the bot."""
@@ -116,14 +183,40 @@ class ChatCog(commands.Cog):
         except discord.HTTPException:
             log.warning("Could not reply in channel %s", message.channel.id, exc_info=True)
 
-    def streamer(self, sink: MessageReplySink | InteractionSink) -> ReplyStreamer[discord.Message]:
-        return ReplyStreamer(sink, edit_interval=self.bot.config.discord.edit_interval)
+    def streamer(
+        self, sink: MessageReplySink | InteractionSink, *, spoiler: bool = False
+    ) -> ReplyStreamer[discord.Message]:
+        """The streamer of one reply; an answer about a spoilered image stays inside spoiler tags."""
+        kind = SpoilerStreamer if spoiler else ReplyStreamer
+        return kind(sink, edit_interval=self.bot.config.discord.edit_interval)
 
-    async def first_image(self, attachments: list[discord.Attachment]) -> PreparedImage | None:
-        """The first attachment, checked by its content; raises ImageRejected with the reason."""
+    async def pick_image(self, attachments: Sequence[discord.Attachment]) -> PickedImage | None:
+        """The first attachment that is a usable image, checked by its content.
+
+        The model answers about one image; other attachments are skipped and named in the note. Files
+        that Discord says are not images are not downloaded. Raises ImageRejected, with the sentence
+        for the person, only when there were attachments and none of them is a usable image.
+        """
+        rejections: list[ImageRejected] = []
+        for attachment in attachments:
+            if attachment.content_type is not None and not attachment.content_type.startswith("image/"):
+                continue
+            try:
+                prepared = await self.prepare(attachment)
+            except ImageRejected as error:
+                log.info("Skipped attachment %s (%s): %s", attachment.id, attachment.filename, error)
+                rejections.append(error)
+                continue
+            others = [a.filename for a in attachments if a.id != attachment.id]
+            return PickedImage(prepared, attachment.is_spoiler(), _not_used_note(attachment.filename, others))
         if not attachments:
             return None
-        attachment = attachments[0]
+        # "Too large" or "damaged" tells the person more than "not an image" about a file meant as one.
+        telling = [error for error in rejections if str(error) != NOT_AN_IMAGE]
+        raise (telling or rejections or [ImageRejected(NOT_AN_IMAGE)])[0]
+
+    async def prepare(self, attachment: discord.Attachment) -> PreparedImage:
+        """Download one attachment and check it; raises ImageRejected with the reason."""
         check_size(attachment.size, self.limits)
         data = await download(self.bot.http_session, attachment.url, self.limits)
         # Decoding a large image takes long enough to stall other channels; do it off the loop.
@@ -138,7 +231,7 @@ class ChatCog(commands.Cog):
         """Ask the model a question, optionally about an image; the answer streams into the response."""
         await interaction.response.defer(thinking=True)
         try:
-            prepared = await self.first_image([image] if image else [])
+            picked = await self.pick_image([image] if image else [])
         except ImageRejected as error:
             log.info("Rejected an /ask attachment from %s: %s", interaction.user.id, error)
             await interaction.edit_original_response(content=str(error), allowed_mentions=NO_PINGS)
@@ -149,15 +242,33 @@ class ChatCog(commands.Cog):
             author_id=interaction.user.id,
             author_name=interaction.user.display_name,
             text=question.strip() or DEFAULT_QUESTION,
-            image=prepared,
+            image=picked.image if picked else None,
         )
         # Tracked like the answers to messages, so that shutting down ends this reply with a sentence too.
         task = asyncio.create_task(
-            self.bot.chat.answer(asked, self.streamer(InteractionSink(interaction))), name=f"ask-{interaction.id}"
+            self.bot.chat.answer(
+                asked, self.streamer(InteractionSink(interaction), spoiler=bool(picked and picked.spoiler))
+            ),
+            name=f"ask-{interaction.id}",
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await task
+
+
+def _not_used_note(used: str, others: Sequence[str]) -> str:
+    """One line naming the attachments that were not looked at ("" when there were none)."""
+    if not others:
+        return ""
+
+    def name(filename: str) -> str:
+        short = filename if len(filename) <= _NOTE_NAME_LENGTH else filename[: _NOTE_NAME_LENGTH - 1] + "…"
+        return discord.utils.escape_markdown(short)
+
+    listed = ", ".join(name(other) for other in others[:_NOTE_NAMES])
+    if len(others) > _NOTE_NAMES:
+        listed = MORE_NOT_USED.format(names=listed, count=len(others) - _NOTE_NAMES)
+    return NOT_USED_NOTE.format(used=name(used), others=listed)
 
 
 async def setup(bot: LlavaBot) -> None:

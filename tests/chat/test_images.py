@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from bot.chat import images
-from bot.chat.images import ImageLimits, ImageRejected, PreparedImage, download, load_image
+from bot.chat.images import ImageLimits, ImageRejected, PreparedImage, decode_stored, download, load_image
 
 MB = 1024 * 1024
 LIMITS = ImageLimits()
@@ -64,32 +64,71 @@ def rejection(data: bytes, limits: ImageLimits = LIMITS) -> str:
 
 
 @pytest.mark.parametrize(
-    ("fmt", "options"),
+    ("fmt", "options", "mime"),
     [
-        ("PNG", {}),
-        ("JPEG", {"quality": 95}),
-        ("WEBP", {"lossless": True}),
-        ("GIF", {}),
-        ("BMP", {}),
+        ("PNG", {}, "image/png"),
+        ("JPEG", {"quality": 95}, "image/jpeg"),
+        ("WEBP", {"lossless": True}, "image/webp"),
+        ("GIF", {}, "image/gif"),
+        ("BMP", {}, "image/bmp"),
     ],
 )
-def test_accepted_formats_become_rgb_jpeg(fmt: str, options: dict[str, object]) -> None:
+def test_accepted_formats_are_stored_as_sent(fmt: str, options: dict[str, object], mime: str) -> None:
     data = encode(halves((64, 32), RED, BLUE), fmt, **options)
     prepared = load_image(data, LIMITS)
-    assert prepared.mime == "image/jpeg"
+    assert prepared.data == data
+    assert prepared.mime == mime
+    assert prepared.sha256 == hashlib.sha256(data).hexdigest()
     assert prepared.image.mode == "RGB"
     assert (prepared.width, prepared.height) == prepared.image.size == (64, 32)
     assert close_to(prepared.image.getpixel((8, 16)), RED)
     assert close_to(prepared.image.getpixel((56, 16)), BLUE)
 
 
-def test_stored_bytes_are_what_the_model_sees() -> None:
-    prepared = load_image(encode(halves((50, 40), RED, BLUE), "PNG"), LIMITS)
+def test_the_model_sees_the_pixels_that_were_sent() -> None:
+    # A noisy photo: any re-encoding would change many of these pixels.
+    photo = Image.effect_noise((96, 64), 80).convert("RGB")
+    for fmt, options in (("PNG", {}), ("JPEG", {"quality": 75})):
+        data = encode(photo, fmt, **options)
+        with Image.open(io.BytesIO(data)) as sent:
+            expected = sent.convert("RGB").tobytes()
+        assert load_image(data, LIMITS).image.tobytes() == expected, fmt
+    assert load_image(encode(photo, "PNG"), LIMITS).image.tobytes() == photo.tobytes()
+
+
+def exif_rotated_jpeg() -> bytes:
+    # Cameras store the sensor's pixels and an orientation tag; 6 means "rotate 90° clockwise to view".
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(halves((40, 20), RED, BLUE), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def transparent_png() -> bytes:
+    picture = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    picture.paste((255, 0, 0, 255), (0, 0, 10, 20))
+    return encode(picture, "PNG")
+
+
+@pytest.mark.parametrize(
+    "upload",
+    [
+        pytest.param(lambda: encode(Image.effect_noise((50, 40), 60).convert("RGB"), "PNG"), id="png"),
+        pytest.param(lambda: encode(Image.effect_noise((50, 40), 60).convert("RGB"), "JPEG"), id="jpeg"),
+        pytest.param(exif_rotated_jpeg, id="exif-rotated"),
+        pytest.param(transparent_png, id="transparent"),
+        pytest.param(lambda: encode(Image.new("I;16", (16, 16), 32768), "PNG"), id="16-bit"),
+        pytest.param(lambda: encode(Image.effect_noise((3000, 1000), 60).convert("RGB"), "JPEG"), id="shrunk"),
+    ],
+)
+def test_follow_ups_see_the_same_pixels(upload: object) -> None:
+    assert callable(upload)
+    prepared = load_image(upload(), LIMITS)
     assert prepared.sha256 == hashlib.sha256(prepared.data).hexdigest()
-    with Image.open(io.BytesIO(prepared.data)) as stored:
-        assert stored.format == "JPEG"
-        # A follow-up question reloads the stored bytes: it must see the very same pixels.
-        assert stored.convert("RGB").tobytes() == prepared.image.tobytes()
+    # A follow-up question reloads the stored bytes: it must see the very same pixels.
+    again = decode_stored(prepared.data)
+    assert again.mode == prepared.image.mode == "RGB"
+    assert again.size == prepared.image.size
+    assert again.tobytes() == prepared.image.tobytes()
 
 
 def test_same_upload_gives_same_digest() -> None:
@@ -104,11 +143,9 @@ def test_format_comes_from_content_not_name() -> None:
 
 
 def test_exif_orientation_is_applied() -> None:
-    # Cameras store the sensor's pixels and an orientation tag; 6 means "rotate 90° clockwise to view".
-    sensor = halves((40, 20), RED, BLUE)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    prepared = load_image(encode(sensor, "JPEG", quality=95, exif=exif.tobytes()), LIMITS)
+    data = exif_rotated_jpeg()
+    prepared = load_image(data, LIMITS)
+    assert prepared.data == data, "the photo is stored as sent, orientation tag included"
     assert prepared.image.size == (20, 40)
     assert close_to(prepared.image.getpixel((10, 5)), RED)
     assert close_to(prepared.image.getpixel((10, 35)), BLUE)
@@ -159,11 +196,21 @@ def test_phone_jpeg_with_second_picture_is_accepted() -> None:
     assert close_to(prepared.image.getpixel((8, 8)), RED)
 
 
-def test_large_image_is_downscaled_for_storage() -> None:
+def test_large_image_is_stored_shrunk_as_png() -> None:
     prepared = load_image(encode(Image.new("RGB", (3000, 1000), RED), "PNG"), LIMITS)
     assert (prepared.width, prepared.height) == (2048, 683)
+    assert prepared.mime == "image/png"
+    with Image.open(io.BytesIO(prepared.data)) as stored:
+        assert stored.format == "PNG" and stored.size == (2048, 683)
     small = load_image(encode(Image.new("RGB", (3000, 1000), RED), "JPEG"), ImageLimits(max_side=300))
     assert max(small.image.size) == 300
+    assert small.mime == "image/png"
+
+
+def test_image_exactly_at_the_side_limit_is_kept() -> None:
+    data = encode(Image.new("RGB", (300, 200), BLUE), "JPEG")
+    assert load_image(data, ImageLimits(max_side=300)).data == data
+    assert load_image(data, ImageLimits(max_side=299)).mime == "image/png"
 
 
 # --- rejected uploads --------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ and :meth:`DiscordEmulator.component_interaction`, then inspect what the bot did
 :meth:`DiscordEmulator.interaction_responses`, waiting with :meth:`DiscordEmulator.wait_for` and
 friends. Like Discord, the emulator rejects message content over 2000 characters, embed
 descriptions over 4096 characters, empty messages and late (over 3 s) or repeated interaction
-callbacks; it strips the content of guild messages that do not mention the bot when the bot did not
-ask for the Message Content intent, and it can rate-limit message edits with real 429 responses.
+callbacks; when the bot did not ask for the Message Content intent it strips the content, attachments,
+embeds and components of other people's guild messages that do not mention the bot, wherever they
+appear (MESSAGE_CREATE, a reply's ``referenced_message``, fetched messages), and it can rate-limit
+message edits with real 429 responses.
 """
 
 from __future__ import annotations
@@ -71,7 +73,11 @@ FLAG_SUPPRESS_EMBEDS = 1 << 2
 FLAG_EPHEMERAL = 1 << 6
 FLAG_LOADING = 1 << 7
 FLAG_SUPPRESS_NOTIFICATIONS = 1 << 12
+ATTACHMENT_IS_SPOILER = 1 << 3
 _SETTABLE_FLAGS = FLAG_SUPPRESS_EMBEDS | FLAG_EPHEMERAL | FLAG_SUPPRESS_NOTIFICATIONS
+
+# What Discord empties in a message the bot may not read (see DiscordEmulator.bot_may_read).
+_WITHHELD: JSON = {"content": "", "attachments": [], "embeds": [], "components": []}
 
 CHANNEL_TEXT, CHANNEL_DM, CHANNEL_PUBLIC_THREAD = 0, 1, 11
 MESSAGE_DEFAULT, MESSAGE_REPLY, MESSAGE_CHAT_INPUT = 0, 19, 20
@@ -395,6 +401,8 @@ class DiscordEmulator:
         self.resume_count = 0
 
         self._uploads: dict[int, tuple[bytes, str, str]] = {}  # attachment id -> data, type, signature
+        self.cdn_fetches: list[int] = []
+        """The attachment id of every CDN download, in order."""
         self._connections: set[_GatewayConnection] = set()
         self._sessions: dict[str, int] = {}
         self._edit_limit: _EditLimit | None = None
@@ -546,7 +554,8 @@ class DiscordEmulator:
             "proxy_url": f"{self.url}/media/{path}{query}",
             "content_type": content_type,
             "ephemeral": False,
-            "flags": 0,
+            # Discord marks a file sent as a spoiler by its name and by this flag.
+            "flags": ATTACHMENT_IS_SPOILER if filename.startswith("SPOILER_") else 0,
         }
         if description is not None:
             payload["description"] = description
@@ -722,9 +731,8 @@ class DiscordEmulator:
         record = MessageRecord(int(data["id"]), channel_id, author.id, data, "user", history=[content])
         self.messages[record.id] = record
         event = self._gateway_message(data, channel)
-        may_read = bool((self.intents or 0) & MESSAGE_CONTENT_INTENT) or self.bot_user in mentioned
-        if "guild_id" in channel and not may_read:
-            event.update(content="", attachments=[], embeds=[], components=[])
+        if not self.bot_may_read(data):
+            event.update(_WITHHELD)
         await self.dispatch("MESSAGE_CREATE", event)
         return data
 
@@ -933,9 +941,32 @@ class DiscordEmulator:
         channel["last_message_id"] = str(message_id)
         return data
 
+    def bot_may_read(self, data: JSON) -> bool:
+        """Whether Discord shows the bot the content and attachments of the message ``data``.
+
+        Without the Message Content intent only the bot's own messages, DMs and messages that mention
+        the bot keep them; Discord applies this to every message object it sends, nested ones included.
+        """
+        if (self.intents or 0) & MESSAGE_CONTENT_INTENT or "guild_id" not in data:
+            return True
+        if int(data["author"]["id"]) == self.bot_user.id:
+            return True
+        return any(int(user["id"]) == self.bot_user.id for user in data.get("mentions", []))
+
+    def as_seen_by_bot(self, data: JSON) -> JSON:
+        """A copy of the message object ``data`` as Discord would send it to the bot (see :meth:`bot_may_read`)."""
+        seen = json.loads(json.dumps(data))
+        if not self.bot_may_read(seen):
+            seen.update(_WITHHELD)
+        if seen.get("referenced_message"):
+            seen["referenced_message"] = self.as_seen_by_bot(seen["referenced_message"])
+        return seen
+
     def _gateway_message(self, data: JSON, channel: JSON) -> JSON:
         """A copy of a message object as the gateway sends it (with ``member`` in guilds)."""
         event = json.loads(json.dumps(data))
+        if event.get("referenced_message"):
+            event["referenced_message"] = self.as_seen_by_bot(event["referenced_message"])
         if "guild_id" in channel:
             author = self.users.get(int(data["author"]["id"]))
             if author is not None:
@@ -1379,7 +1410,7 @@ class DiscordEmulator:
         before = int(request.query.get("before", 1 << 63))
         after = int(request.query.get("after", 0))
         found = [
-            m.data
+            self.as_seen_by_bot(m.data)
             for m in self.messages.values()
             if m.channel_id == channel_id and not m.deleted and not m.flags & FLAG_EPHEMERAL and after < m.id < before
         ]
@@ -1391,18 +1422,18 @@ class DiscordEmulator:
     async def _post_message(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
         channel_id = int(request.match_info["channel_id"])
         record = await self._create_bot_message(channel_id, body or {}, files, source="channel")
-        return _json_response(record.data)
+        return _json_response(self.as_seen_by_bot(record.data))
 
     async def _get_message(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
         channel_id, message_id = int(request.match_info["channel_id"]), int(request.match_info["message_id"])
-        return _json_response(self._message_in(channel_id, message_id).data)
+        return _json_response(self.as_seen_by_bot(self._message_in(channel_id, message_id).data))
 
     async def _patch_message(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
         channel_id, message_id = int(request.match_info["channel_id"]), int(request.match_info["message_id"])
         record = self._own_message(self._message_in(channel_id, message_id))
         headers = self._take_edit_slot(f"channel:{channel_id}", webhook=False)
         await self._edit_bot_message(record, body or {}, files)
-        return _json_response(record.data, headers=headers)
+        return _json_response(self.as_seen_by_bot(record.data), headers=headers)
 
     async def _delete_message(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
         channel_id, message_id = int(request.match_info["channel_id"]), int(request.match_info["message_id"])
@@ -1555,7 +1586,7 @@ class DiscordEmulator:
         record = self._webhook_message(interaction, request.match_info["message_id"])
         headers = self._take_edit_slot(f"webhook:{interaction.token}", webhook=True)
         await self._edit_bot_message(record, body or {}, files)
-        return _json_response(record.data, headers=headers)
+        return _json_response(self.as_seen_by_bot(record.data), headers=headers)
 
     async def _delete_webhook_message(
         self, request: web.Request, body: Any, files: Mapping[str, Upload]
@@ -1567,6 +1598,7 @@ class DiscordEmulator:
     # ----------------------------------------------------------------------------- CDN and gateway
 
     async def _cdn(self, request: web.Request) -> web.Response:
+        self.cdn_fetches.append(int(request.match_info["attachment_id"]))
         upload = self._uploads.get(int(request.match_info["attachment_id"]))
         if upload is None or request.query.get("hm") != upload[2]:
             return web.Response(status=404, text="This content is no longer available.")

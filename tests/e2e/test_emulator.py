@@ -139,6 +139,30 @@ async def test_message_content_needs_a_mention_or_a_dm(emulator: DiscordEmulator
     assert emulator.bot_messages(emulator.channel_id) == []
 
 
+async def test_other_peoples_messages_stay_hidden_in_replies_and_fetches(
+    emulator: DiscordEmulator, bot: EchoBot
+) -> None:
+    shared = await emulator.user_message(
+        emulator.channel_id,
+        emulator.other_user,
+        "my holiday",
+        mention_bot=False,
+        attachments=[("SPOILER_beach.png", IMAGE, "image/png")],
+    )
+    asked = await emulator.user_message(emulator.channel_id, emulator.user, "what is this?", reply_to=shared)
+    await emulator.wait_for_message(lambda m: m.reference_id == int(asked["id"]) and m.content.startswith("echo"))
+    question = next(m for m in bot.seen if m.id == int(asked["id"]))
+    assert question.content.endswith("what is this?")
+    replied = question.reference.resolved if question.reference else None
+    assert isinstance(replied, discord.Message) and replied.id == int(shared["id"])
+    assert (replied.content, replied.attachments) == ("", []), "Discord withholds a message not mentioning the bot"
+    fetched = await bot.get_channel(emulator.channel_id).fetch_message(int(shared["id"]))  # type: ignore[union-attr]
+    assert (fetched.content, fetched.attachments) == ("", [])
+    # The question itself mentions the bot: fetched, it keeps its text. The spoiler mark is the file's.
+    assert (await fetched.channel.fetch_message(question.id)).content == question.content
+    assert shared["attachments"][0]["flags"] & 1 << 3
+
+
 async def test_replying_to_the_bot_pings_it(emulator: DiscordEmulator, bot: EchoBot) -> None:
     await emulator.user_message(emulator.channel_id, emulator.user, "first")
     first = await emulator.wait_for_message(lambda m: m.content == "echo: first []")

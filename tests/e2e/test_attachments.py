@@ -1,0 +1,163 @@
+"""What the bot looks at: several attachments, a reply to someone's picture, spoilers, the stored upload."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+
+import pytest
+from PIL import Image
+
+from bot.chat.images import NOT_AN_IMAGE
+from bot.cogs.chat import REPLIED_HIDDEN
+from bot.config import Config
+from bot.engine.base import Turn
+from tests.e2e.conftest import llava_bot
+from tests.e2e.discord_emulator import DiscordEmulator
+from tests.e2e.helpers import ReferenceEngines, jpeg, png, replies_to, text_of, unanswered, wait_answer
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+NOTES = b"Shopping list: apples, bread, milk.\n"
+SPOILER_TAGS = re.compile(r"\|\|([^|]*)\|\|")
+
+
+def as_sent(upload: bytes) -> Image.Image:
+    """The picture in ``upload`` as any viewer decodes it (independent of the bot's own image code)."""
+    with Image.open(io.BytesIO(upload)) as picture:
+        return picture.convert("RGB")
+
+
+def note_of(answer: str) -> str:
+    lines = answer.rstrip().splitlines()
+    return lines[-1] if lines and lines[-1].startswith("-# ") else ""
+
+
+async def test_a_text_file_beside_the_image_is_skipped(
+    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+) -> None:
+    photo = png(seed=21)
+    async with llava_bot(bot_config, emulator) as bot:
+        asked = await emulator.user_message(
+            emulator.channel_id,
+            emulator.user,
+            "What is in the picture?",
+            attachments=[("notes.txt", NOTES, "text/plain"), ("photo.png", photo, "image/png")],
+        )
+        answer = text_of(await wait_answer(emulator, asked))
+        stored = await bot.store.image_bytes(hashlib.sha256(photo).hexdigest())
+        only_text = await emulator.user_message(
+            emulator.channel_id, emulator.user, "And this?", attachments=[("notes.txt", NOTES, "text/plain")]
+        )
+        refusal = text_of(await wait_answer(emulator, only_text))
+    expected = await reference.answer(bot_config, [Turn("user", "What is in the picture?", (as_sent(photo),))])
+    assert answer == expected + "\n-# I looked only at photo.png; not used: notes.txt."
+    assert stored == photo, "the upload itself is kept, byte for byte"
+    text_ids = {int(a["id"]) for a in asked["attachments"] + only_text["attachments"] if a["filename"] == "notes.txt"}
+    assert not text_ids & set(emulator.cdn_fetches), "a file Discord says is text was downloaded"
+    # When nothing is an image, the person still learns why.
+    assert refusal == NOT_AN_IMAGE
+
+
+async def test_two_images_answer_about_the_first_and_name_the_second(
+    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+) -> None:
+    first, second = png(seed=22), jpeg(seed=23)
+    async with llava_bot(bot_config, emulator):
+        asked = await emulator.user_message(
+            emulator.channel_id,
+            emulator.user,
+            "Describe it.",
+            attachments=[("broken.png", b"\x89PNG not really", "image/png"), ("first.png", first, "image/png"),
+                         ("second.jpg", second, "image/jpeg")],
+        )  # fmt: skip
+        answer = text_of(await wait_answer(emulator, asked))
+    about_first = await reference.answer(bot_config, [Turn("user", "Describe it.", (as_sent(first),))])
+    about_second = await reference.answer(bot_config, [Turn("user", "Describe it.", (as_sent(second),))])
+    assert about_first != about_second, "the pictures must tell the answers apart"
+    assert answer.startswith(about_first)
+    assert note_of(answer) == "-# I looked only at first.png; not used: broken.png, second.jpg."
+
+
+async def test_a_mention_replying_to_someone_elses_picture_is_about_that_picture(
+    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+) -> None:
+    bot_config.discord.message_content_intent = True
+    photo = jpeg(seed=24)
+    async with llava_bot(bot_config, emulator):
+        shared = await emulator.user_message(
+            emulator.channel_id,
+            emulator.other_user,
+            "look what I found",
+            mention_bot=False,
+            attachments=[("found.jpg", photo, "image/jpeg")],
+        )
+        asked = await emulator.user_message(emulator.channel_id, emulator.user, "what is this?", reply_to=shared)
+        answer = text_of(await wait_answer(emulator, asked))
+        assert await unanswered(emulator, shared)
+    assert emulator.intents is not None and emulator.intents & (1 << 15), "the bot asked for Message Content"
+    assert answer == await reference.answer(bot_config, [Turn("user", "what is this?", (as_sent(photo),))])
+
+
+async def test_without_the_intent_a_reply_to_a_hidden_picture_says_so(
+    bot_config: Config, emulator: DiscordEmulator
+) -> None:
+    async with llava_bot(bot_config, emulator):
+        shared = await emulator.user_message(
+            emulator.channel_id,
+            emulator.other_user,
+            "look what I found",
+            mention_bot=False,
+            attachments=[("found.png", png(seed=25), "image/png")],
+        )
+        asked = await emulator.user_message(emulator.channel_id, emulator.user, "what is this?", reply_to=shared)
+        answer = text_of(await wait_answer(emulator, asked))
+    assert emulator.intents is not None and not emulator.intents & (1 << 15)
+    assert answer == REPLIED_HIDDEN
+
+
+async def test_a_spoilered_image_gets_its_answer_in_spoiler_tags(
+    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+) -> None:
+    # Long enough to stream through several edits and to need several messages.
+    bot_config.model.max_new_tokens = 1500
+    photo = png(seed=26)
+    async with llava_bot(bot_config, emulator):
+        asked = await emulator.user_message(
+            emulator.channel_id,
+            emulator.user,
+            "What is this?",
+            attachments=[("SPOILER_ending.png", photo, "image/png")],
+        )
+        parts = await wait_answer(emulator, asked)
+    expected = await reference.answer(bot_config, [Turn("user", "What is this?", (as_sent(photo),))])
+    assert len(parts) >= 2, "a long answer continues in more messages"
+    shown = [content for part in parts for content in part.history if not content.startswith("⏳")]
+    assert len(shown) > len(parts), "the answer streamed by edits"
+    for content in shown:
+        assert len(content) <= 2000
+        assert content.startswith("||") and SPOILER_TAGS.sub("", content).strip() in ("", "▌"), content
+    hidden = "".join(SPOILER_TAGS.findall(text_of(parts)))
+    assert hidden == expected.replace("|", "\u01c0")
+    assert replies_to(emulator, int(asked["id"]))[0].history[0].startswith("⏳"), "the status line is not hidden"
+
+
+async def test_a_follow_up_after_a_restart_sees_the_same_pixels(
+    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+) -> None:
+    # A JPEG: storing a re-encoded copy would change its pixels, and the follow-up's answer with them.
+    photo = jpeg(seed=27, size=(200, 150))
+    async with llava_bot(bot_config, emulator):
+        first = await emulator.user_message(
+            emulator.channel_id, emulator.user, "What is this?", attachments=[("p.jpg", photo, "image/jpeg")]
+        )
+        answer1 = text_of(await wait_answer(emulator, first))
+    # A new process has no decoded picture in memory: it reloads the stored bytes.
+    async with llava_bot(bot_config, emulator):
+        second = await emulator.user_message(emulator.channel_id, emulator.user, "What colour is it?")
+        answer2 = text_of(await wait_answer(emulator, second))
+    conversation = [Turn("user", "What is this?", (as_sent(photo),))]
+    assert answer1 == await reference.answer(bot_config, conversation)
+    conversation += [Turn("assistant", answer1), Turn("user", "What colour is it?")]
+    assert answer2 == await reference.answer(bot_config, conversation)
