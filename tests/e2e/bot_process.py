@@ -10,6 +10,7 @@ engine's real worker process (to kill or stop it), a real config file and a real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -96,7 +97,7 @@ class BotProcess:
     def database_url(self) -> str:
         return f"sqlite+aiosqlite:///{self.data_dir / 'bot.sqlite3'}"
 
-    async def start(self, *, ready_timeout: float = 180.0) -> None:  # noqa: ASYNC109
+    async def start(self, *, ready_timeout: float = 180.0) -> None:
         """Start the process and wait until it is connected and has synced its slash commands."""
         self.emulator.commands.clear()
         identified = self.emulator.identify_count
@@ -109,7 +110,7 @@ class BotProcess:
         def ready() -> bool | None:
             if self.process is not None and self.process.returncode is not None:
                 raise AssertionError(f"llava-bot run exited with {self.process.returncode}:\n{self.log()}")
-            return self.emulator.identify_count > identified and bool(self.emulator.commands.get(None)) or None
+            return (self.emulator.identify_count > identified and bool(self.emulator.commands.get(None))) or None
 
         await self.emulator.wait_for(ready, ready_timeout)
 
@@ -149,8 +150,10 @@ class BotProcess:
 
     async def stop(self) -> int:
         """SIGINT, as Ctrl+C would; SIGKILL if it does not exit within a minute."""
-        if self.process is None or self.process.returncode is not None:
-            return self.process.returncode if self.process else 0
+        if self.process is None:
+            return 0
+        if self.process.returncode is not None:
+            return self.process.returncode
         self.process.send_signal(signal.SIGINT)
         try:
             return await self.wait_exit(60)
@@ -169,7 +172,5 @@ class BotProcess:
         await self.stop()
         for pid in workers:
             # A worker left behind (the test killed the parent) must not outlive the test.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
