@@ -10,7 +10,7 @@ from typing import Literal
 
 from bot.engine import variants
 from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
-from bot.engine.supervisor import Health, Supervisor
+from bot.engine.supervisor import Backoff, Health, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class ModelManager:
         ov_config: dict[str, str] | None = None,
         *,
         stall_timeout: float = 120.0,
+        backoff: Backoff | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.kind = kind
@@ -64,7 +65,7 @@ class ModelManager:
         self._in_flight: dict[int, int] = {}
         self._closing: set[Engine] = set()
         self._switch_lock = asyncio.Lock()
-        self.supervisor = Supervisor(self._reload, stall_timeout=stall_timeout)
+        self.supervisor = Supervisor(self._reload, stall_timeout=stall_timeout, backoff=backoff)
 
     def available(self) -> list[str]:
         """Complete precision variants under the model folder."""
