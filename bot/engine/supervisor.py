@@ -176,7 +176,9 @@ class Supervisor:
             return
         if self._state in ("restarting", "down") and self._engine is not None:
             self._restarts += 1
-            log.info("The model is back after %d failed restart attempt(s)", self._failed_attempts)
+            log.info(
+                "The model runs again (restart %d; %d failed attempts before it)", self._restarts, self._failed_attempts
+            )
         self._engine = engine
         self._state = "up"
         self._up_since, self._up_at = time.time(), time.monotonic()

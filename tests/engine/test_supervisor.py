@@ -84,9 +84,7 @@ def loader(monkeypatch: pytest.MonkeyPatch) -> Iterator[Loader]:
     fake.gate.set()
 
 
-async def started(
-    tmp_path: Path, *, stall_timeout: float = 60.0, backoff: Backoff | None = None
-) -> ModelManager:
+async def started(tmp_path: Path, *, stall_timeout: float = 60.0, backoff: Backoff | None = None) -> ModelManager:
     manager = ModelManager(
         tmp_path, "fake", stall_timeout=stall_timeout, backoff=backoff or Backoff(first=0.01, limit=0.04)
     )
@@ -94,10 +92,13 @@ async def started(
     return manager
 
 
-async def until(predicate: Callable[[], object], timeout: float = 20.0) -> None:  # noqa: ASYNC109
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
+async def until(predicate: Callable[[], object], seconds: float = 20.0) -> None:
+    """Wait until ``predicate()`` holds (polling: the fakes have no events to wait on)."""
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never came true")
 
 
 async def answer_with(engine: FakeEngine, index: int, pieces: Sequence[str]) -> None:
