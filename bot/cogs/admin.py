@@ -37,9 +37,16 @@ STATUS = (
     "**Health:** {health}\n**Restarts:** {restarts}\n**Last failure:** {failure}"
 )
 HEALTH_UP = "up since <t:{since}:f>"
-HEALTH_RESTARTING = "restarting (next attempt <t:{at}:R>)"
-HEALTH_DOWN = "can't start; the log says why (next attempt <t:{at}:R>)"
-HEALTH_OTHER = "{state}"
+HEALTH_WAITING = {
+    "restarting": "restarting (next attempt <t:{at}:R>)",
+    "down": "can't start; the log says why (next attempt <t:{at}:R>)",
+}
+HEALTH_LOADING = {
+    "starting": "starting",
+    "restarting": "restarting (loading the model now)",
+    "down": "can't start; the log says why (trying again now)",
+    "closed": "shutting down",
+}
 NO_FAILURE = "none"
 FAILURE = "<t:{at}:f>: {reason}"
 WHO_MAY_RESET = {"moderators": "moderators (Manage Messages)", "admins": "the bot's admins"}
@@ -145,11 +152,10 @@ def health_lines(health: Health) -> dict[str, str]:
     """The engine's health as /status shows it (Discord renders ``<t:...>`` in each reader's time zone)."""
     if health.state == "up" and health.up_since is not None:
         state = HEALTH_UP.format(since=int(health.up_since))
-    elif health.state in ("restarting", "down") and health.next_attempt is not None:
-        template = HEALTH_DOWN if health.state == "down" else HEALTH_RESTARTING
-        state = template.format(at=int(health.next_attempt))
+    elif health.state in HEALTH_WAITING and health.next_attempt is not None:
+        state = HEALTH_WAITING[health.state].format(at=int(health.next_attempt))
     else:
-        state = HEALTH_OTHER.format(state=health.state)
+        state = HEALTH_LOADING.get(health.state, health.state)
     failure = health.last_failure
     described = FAILURE.format(at=int(failure.at), reason=failure.reason) if failure else NO_FAILURE
     return {"health": state, "restarts": str(health.restarts), "failure": described}

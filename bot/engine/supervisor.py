@@ -296,6 +296,7 @@ class Supervisor:
             self._next_attempt = time.time() + delay
             log.info("Restarting the model in %g s", delay)
             await asyncio.sleep(delay)
+            self._next_attempt = None  # loading now
             try:
                 await self._restart()
             except Exception as error:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from bot.cogs.admin import health_lines
 from bot.engine import manager as manager_module
 from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
+from bot.engine.genai import GenaiEngine
 from bot.engine.manager import ModelManager
 from bot.engine.supervisor import CANT_START, INTERRUPTED, STALLED, Backoff
+from tests.e2e.helpers import HeldPipeline
 
 QUESTION = [Turn("user", "What is this?")]
 SETTINGS = GenerationSettings(max_new_tokens=8)
@@ -169,6 +173,9 @@ async def test_restarts_that_keep_failing_give_a_sentence_and_the_log_says_why(
     with caplog.at_level(logging.ERROR, logger="bot.engine.supervisor"):
         assert await outcome(waiting) == ("", CANT_START)
         assert manager.health.state == "down"
+        shown = health_lines(manager.health)  # what /status says meanwhile
+        assert shown["health"].startswith("can't start; the log says why (next attempt <t:")
+        assert re.fullmatch(r"<t:\d+:f>: restart failed: Cannot load the model: .*", shown["failure"])
         assert await outcome(manager.generate(QUESTION, SETTINGS)) == ("", CANT_START)
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("openvino_language_model.bin is missing" in e for e in errors)
@@ -252,3 +259,25 @@ async def test_switching_to_the_same_precision_reloads_a_broken_engine(tmp_path:
     await answer_with(loader.engines[1], 0, ["Again."])
     assert await outcome(answered) == ("Again.", None)
     await manager.close()
+
+
+async def test_a_real_genai_engine_that_hangs_is_replaced_and_answers_again(tiny_llava: tuple[Path, Path]) -> None:
+    manager = ModelManager(tiny_llava[1], "genai", stall_timeout=2.0, backoff=Backoff(first=0.01))
+    await manager.switch("INT4")
+    stuck_engine = manager.engine
+    assert isinstance(stuck_engine, GenaiEngine)
+    held = HeldPipeline(stuck_engine.pipeline, after=3)  # a step that never returns, after a few words
+    stuck_engine.pipeline = held
+    settings = GenerationSettings(max_new_tokens=40, ignore_eos=True)
+    try:
+        text, sentence = await outcome(manager.generate(QUESTION, settings))
+        assert sentence == STALLED and text.strip(), "the words written before the hang stay"
+        await until(lambda: manager.healthy and manager.engine is not stuck_engine)
+        # The fresh engine answers while the old thread is still stuck.
+        assert held.entered.is_set() and not held.release.is_set()
+        text, sentence = await outcome(manager.generate(QUESTION, settings))
+        assert sentence is None and text.strip()
+        assert manager.health.restarts == 1
+    finally:
+        held.release.set()
+        await manager.close()
