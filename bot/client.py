@@ -66,7 +66,9 @@ class LlavaBot(commands.Bot):
         self.store = HistoryStore(session_factory(self.db_engine))
         self.http_session = aiohttp.ClientSession()
         model = config.model
-        self.models = ModelManager(Path(model.dir), model.engine, model.device, model.ov_config)
+        self.models = ModelManager(
+            Path(model.dir), model.engine, model.device, model.ov_config, stall_timeout=model.stall_timeout
+        )
         precision = await self.store.get_setting("precision") or model.precision
         if precision not in self.models.available():
             log.warning("The saved precision %s is no longer available; using %s", precision, model.precision)

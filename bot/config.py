@@ -63,6 +63,8 @@ class ModelConfig:
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
+    # Seconds an answer may go without a new token before the engine is restarted (the watchdog).
+    stall_timeout: float = 120.0
 
 
 @dataclass
@@ -147,6 +149,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("model.max_new_tokens must be at least 1")
     if not 0.0 <= model.temperature <= 5.0 or not 0.0 < model.top_p <= 1.0:
         raise ConfigError("model.temperature must be in [0, 5] and model.top_p in (0, 1]")
+    if model.stall_timeout <= 0:
+        raise ConfigError("model.stall_timeout must be more than 0 seconds")
     if config.discord.reset_permission not in ("everyone", "moderators", "admins"):
         raise ConfigError("discord.reset_permission must be 'everyone', 'moderators' or 'admins'")
     if config.discord.edit_interval < 0.2:

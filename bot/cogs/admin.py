@@ -12,6 +12,7 @@ from discord.ext import commands
 
 from bot.cogs.replies import NO_PINGS
 from bot.engine.base import EngineError
+from bot.engine.supervisor import Health
 from bot.engine.variants import PRECISIONS
 
 if TYPE_CHECKING:
@@ -29,10 +30,25 @@ PRECISION_MISSING = "{precision} is not available; choose one of {available}."
 PRECISION_ALREADY = "The model already runs at **{precision}**."
 PRECISION_SWITCHED = "Switched the model to **{precision}** (loaded in {seconds:.1f} s)."
 PRECISION_FAILED = "I couldn't load {precision}, so the model stays at {current}: {reason}"
+PRECISION_RELOADED = "Reloaded the model at **{precision}** (loaded in {seconds:.1f} s)."
 STATUS = (
     "**Model:** {model}\n**Precision:** {precision} (available: {available})\n**Engine:** {engine} on {device}\n"
-    "**Queue:** {running} answering, {waiting} waiting"
+    "**Queue:** {running} answering, {waiting} waiting\n"
+    "**Health:** {health}\n**Restarts:** {restarts}\n**Last failure:** {failure}"
 )
+HEALTH_UP = "up since <t:{since}:f>"
+HEALTH_WAITING = {
+    "restarting": "restarting (next attempt <t:{at}:R>)",
+    "down": "can't start; the log says why (next attempt <t:{at}:R>)",
+}
+HEALTH_LOADING = {
+    "starting": "starting",
+    "restarting": "restarting (loading the model now)",
+    "down": "can't start; the log says why (trying again now)",
+    "closed": "shutting down",
+}
+NO_FAILURE = "none"
+FAILURE = "<t:{at}:f>: {reason}"
 WHO_MAY_RESET = {"moderators": "moderators (Manage Messages)", "admins": "the bot's admins"}
 
 
@@ -87,7 +103,9 @@ class AdminCog(commands.Cog):
             missing = PRECISION_MISSING.format(precision=precision, available=", ".join(available))
             await interaction.response.send_message(missing, ephemeral=True, allowed_mentions=NO_PINGS)
             return
-        if wanted == models.precision:
+        # The same precision on a broken engine reloads it: the way back an admin can take at once.
+        reload = wanted == models.precision
+        if reload and models.healthy:
             await interaction.response.send_message(PRECISION_ALREADY.format(precision=wanted), ephemeral=True)
             return
         # Loading takes longer than the 3 s an interaction may wait for its first answer.
@@ -102,7 +120,8 @@ class AdminCog(commands.Cog):
             return
         await self.bot.store.set_setting("precision", wanted)
         log.info("User %s switched the model to %s", interaction.user.id, wanted)
-        switched = PRECISION_SWITCHED.format(precision=wanted, seconds=time.monotonic() - started)
+        done = PRECISION_RELOADED if reload else PRECISION_SWITCHED
+        switched = done.format(precision=wanted, seconds=time.monotonic() - started)
         await interaction.followup.send(switched, ephemeral=True)
 
     @precision.autocomplete("precision")
@@ -124,8 +143,22 @@ class AdminCog(commands.Cog):
             device=models.device,
             running=scheduler.running,
             waiting=scheduler.queue_length,
+            **health_lines(models.health),
         )
         await interaction.response.send_message(text, ephemeral=True)
+
+
+def health_lines(health: Health) -> dict[str, str]:
+    """The engine's health as /status shows it (Discord renders ``<t:...>`` in each reader's time zone)."""
+    if health.state == "up" and health.up_since is not None:
+        state = HEALTH_UP.format(since=int(health.up_since))
+    elif health.state in HEALTH_WAITING and health.next_attempt is not None:
+        state = HEALTH_WAITING[health.state].format(at=int(health.next_attempt))
+    else:
+        state = HEALTH_LOADING.get(health.state, health.state)
+    failure = health.last_failure
+    described = FAILURE.format(at=int(failure.at), reason=failure.reason) if failure else NO_FAILURE
+    return {"health": state, "restarts": str(health.restarts), "failure": described}
 
 
 async def setup(bot: LlavaBot) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -89,14 +90,21 @@ class TextStream:
         self._cancelled = threading.Event()
         self.stats = GenerationStats()
         self.done = loop.create_future()
+        # Monotonic time of the last new token (0: none yet); the supervisor's watchdog reads it.
+        self.last_progress = 0.0
 
     # --- worker-thread side -------------------------------------------------------------------
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def touch(self) -> None:
+        """Note that generation made progress (a new token), even if it released no text yet."""
+        self.last_progress = time.monotonic()
+
     def push(self, piece: str) -> None:
         if piece:
+            self.touch()
             self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
 
     def finish(self, error: BaseException | None = None) -> None:
@@ -162,6 +170,18 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - engines without resources need nothing here
         """Free the model; called once no stream uses it any more."""
+
+    def failure(self) -> str | None:
+        """Why this engine can no longer answer (for the log and /status), or None while it can.
+
+        In-process engines fail per answer (an exception ends that answer) and never as a whole.
+        """
+        return None
+
+    def kill(self) -> bool:
+        """Stop at once, abandoning the answers in progress; False when that is impossible (a thread in
+        this process can't be stopped from outside)."""
+        return False
 
 
 def start_worker(name: str, target: Callable[[], None]) -> threading.Thread:

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -59,7 +60,7 @@ _KV_MEMORY_SHARE = 0.25
 _CANCEL_POLL = 0.02
 
 BUSY = "The model is too busy to answer right now; please try again in a moment."
-GONE = "The model process stopped unexpectedly."
+GONE = "The model process stopped unexpectedly; please ask again in a moment."
 
 
 # --- what crosses the process boundary --------------------------------------------------------------
@@ -337,6 +338,13 @@ class _Worker:
         if ended:
             with contextlib.suppress(OSError):
                 self.conn.send(("updates", ended))
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _describe(error: BaseException) -> str:
@@ -639,6 +647,8 @@ class BatchingEngine(Engine):
         if request is None:
             return
         stream = request.stream
+        if new_ids:
+            stream.touch()  # progress for the watchdog, even while the text holds back a partial word
         if new_ids and stream.stats.first_token is None:
             stream.stats.first_token = time.monotonic()
         piece = request.text.add(new_ids) if new_ids else ""
@@ -670,6 +680,27 @@ class BatchingEngine(Engine):
             requests = list(self._requests.values())
         for request in requests:
             self._end(request, EngineError(message))
+
+    # --- health (read by the supervisor) -----------------------------------------------------------------
+    @property
+    def worker_pid(self) -> int:
+        """Process id of the child process that runs the pipeline."""
+        return self._process.pid
+
+    def failure(self) -> str | None:
+        if self._closed:
+            return None
+        code = self._process.poll()
+        if code is not None:
+            how = f"was ended by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
+            return f"the worker process {self._process.pid} {how}"
+        return self._broken
+
+    def kill(self) -> bool:
+        """SIGKILL the child (it may be stopped or stuck in a step); the reader then ends every answer."""
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+        return True
 
     # --- shutting down -------------------------------------------------------------------------------------
     def close(self) -> None:

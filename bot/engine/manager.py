@@ -10,6 +10,7 @@ from typing import Literal
 
 from bot.engine import variants
 from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
+from bot.engine.supervisor import Backoff, Health, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,20 @@ class ModelManager:
     """The bot-wide model: one precision loaded at a time, switchable without a restart.
 
     A switch loads the new variant beside the old one, then swaps; requests already streaming
-    finish on the old variant, which is closed once the last of them ends.
+    finish on the old variant, which is closed once the last of them ends. A :class:`Supervisor` keeps the
+    loaded variant alive: a dead or stuck engine is reloaded at the same precision, and questions asked
+    meanwhile wait for it.
     """
 
     def __init__(
-        self, model_dir: Path, kind: str = "genai", device: str = "CPU", ov_config: dict[str, str] | None = None
+        self,
+        model_dir: Path,
+        kind: str = "genai",
+        device: str = "CPU",
+        ov_config: dict[str, str] | None = None,
+        *,
+        stall_timeout: float = 120.0,
+        backoff: Backoff | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.kind = kind
@@ -55,6 +65,7 @@ class ModelManager:
         self._in_flight: dict[int, int] = {}
         self._closing: set[Engine] = set()
         self._switch_lock = asyncio.Lock()
+        self.supervisor = Supervisor(self._reload, stall_timeout=stall_timeout, backoff=backoff)
 
     def available(self) -> list[str]:
         """Complete precision variants under the model folder."""
@@ -66,39 +77,72 @@ class ModelManager:
             raise EngineError("The model is not loaded yet.")
         return self._engine
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the loaded engine can answer now (False while it is dead or restarting)."""
+        return self._engine is not None and self.supervisor.check()
+
+    @property
+    def health(self) -> Health:
+        """Up since, restarts and last failure, for ``/status``."""
+        return self.supervisor.health
+
     async def switch(self, precision: str) -> None:
-        """Load ``precision`` and make it the one new requests use."""
+        """Load ``precision`` and make it the one new requests use; reloads it when the engine is broken."""
         precision = variants.normalise_precision(precision)
         async with self._switch_lock:
-            if precision == self.precision and self._engine is not None:
+            if precision == self.precision and self.healthy:
                 return
-            folder = self.model_dir / precision
-            log.info("Loading %s (%s engine on %s)", folder, self.kind, self.device)
-            engine = await asyncio.to_thread(load_engine, self.kind, folder, self.device, self.ov_config)
-            old, self._engine, self.precision = self._engine, engine, precision
-            if old is not None:
-                self._retire(old)
+            await self._load(precision)
+
+    async def _reload(self) -> None:
+        """The supervisor's restart: load the current precision afresh, unless a switch already did."""
+        async with self._switch_lock:
+            if self.precision is not None and not self.healthy:
+                await self._load(self.precision)
+
+    async def _load(self, precision: str) -> None:
+        folder = self.model_dir / precision
+        log.info("Loading %s (%s engine on %s)", folder, self.kind, self.device)
+        engine = await asyncio.to_thread(load_engine, self.kind, folder, self.device, self.ov_config)
+        old, self._engine, self.precision = self._engine, engine, precision
+        self.supervisor.started(engine)
+        if old is not None:
+            self._retire(old)
 
     def _retire(self, engine: Engine) -> None:
         # Called at the switch and again as each of its streams ends; the last one closes it.
+        if engine in self.supervisor.abandoned:
+            self._in_flight.pop(id(engine), None)  # its thread is stuck: closing would wait for ever
+            return
         if self._in_flight.get(id(engine), 0) == 0 and engine not in self._closing:
             self._closing.add(engine)
             self._in_flight.pop(id(engine), None)
             asyncio.get_running_loop().run_in_executor(None, engine.close)
 
     def generate(self, conversation: Sequence[Turn], settings: GenerationSettings) -> TextStream:
-        """Start a generation on the current variant; it keeps that variant until it ends."""
+        """Start a generation on the current variant; it keeps that variant until it ends.
+
+        While the engine restarts, the returned stream waits for it (or ends with a sentence when it can't
+        start); the time spent waiting doesn't count towards the stall timeout.
+        """
+        if self._engine is not None and not self.supervisor.check():
+            return self.supervisor.relay(lambda: self._start(conversation, settings))
+        return self._start(conversation, settings)
+
+    def _start(self, conversation: Sequence[Turn], settings: GenerationSettings) -> TextStream:
         engine = self.engine
         stream = engine.generate(conversation, settings)
         key = id(engine)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
 
         def _done(_: object) -> None:
-            self._in_flight[key] -= 1
+            self._in_flight[key] = self._in_flight.get(key, 1) - 1
             if engine is not self._engine:
                 self._retire(engine)
 
         stream.done.add_done_callback(_done)
+        self.supervisor.watch(engine, stream)
         return stream
 
     @property
@@ -115,6 +159,7 @@ class ModelManager:
 
     async def close(self) -> None:
         """Close the current engine (at shutdown, after requests were cancelled)."""
-        if self._engine is not None:
+        await self.supervisor.close()
+        if self._engine is not None and self._engine not in self.supervisor.abandoned:
             engine, self._engine = self._engine, None
             await asyncio.to_thread(engine.close)

@@ -82,6 +82,7 @@ class OptimumEngine(Engine):
                     if stream.stats.first_token is None:
                         stream.stats.first_token = time.monotonic()
                     stream.stats.new_tokens += int(value.numel())
+                    stream.touch()  # words are released whole: a token without text is progress too
                 super().put(value)
 
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:

@@ -130,11 +130,12 @@ class BotProcess:
 
     def worker_pids(self) -> list[int]:
         """Process ids of the bot's child processes (the batching engine's worker)."""
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        try:
-            return [int(p) for p in children.read_text().split()]
-        except OSError:
-            return []
+        # A child belongs to the thread that started it (the engine is loaded on a worker thread): read all.
+        pids: list[int] = []
+        for children in Path(f"/proc/{self.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids += [int(p) for p in children.read_text().split()]
+        return sorted(pids)
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -158,11 +159,16 @@ def status_lines(text: str) -> dict[str, str]:
 async def test_status_shows_model_precision_engine_and_queue(bot_config: Config, emulator: DiscordEmulator) -> None:
     async with llava_bot(bot_config, emulator):
         status = said(await command(emulator, "status", user=emulator.user))
-    assert status_lines(status) == {
+    lines = status_lines(status)
+    # Discord shows <t:...:f> as a date and time in the reader's own time zone.
+    assert re.fullmatch(r"up since <t:\d+:f>", lines.pop("Health")), status
+    assert lines == {
         "Model": Path(bot_config.model.dir).name,
         "Precision": "INT4 (available: INT4, INT8, FP16)",
         "Engine": "genai on CPU",
         "Queue": "0 answering, 0 waiting",
+        "Restarts": "0",
+        "Last failure": "none",
     }
 
 

@@ -81,7 +81,7 @@ async def test_a_busy_bot_queues_refuses_politely_and_answers_everyone(
         answers = [await wait_answer(emulator, asked) for asked in (first, second, third)]
         refusals = [await wait_answer(emulator, asked) for asked in (too_many, again)]
 
-    assert status_text.endswith("**Queue:** 1 answering, 2 waiting")
+    assert "**Queue:** 1 answering, 2 waiting" in status_text.splitlines()
     assert [text_of(r) for r in refusals] == [
         "I'm busy: 2 questions are waiting already; please try again in a few minutes.",
         "I'm still working on your previous question; please wait for that answer first.",
