@@ -66,9 +66,7 @@ class AccessRules:
         if reason is not None or place.guild_id is None:
             return reason
         guilds, channels, roles = self._server
-        return (
-            guilds.refuses((place.guild_id,)) or channels.refuses(place.channel_ids) or roles.refuses(place.role_ids)
-        )
+        return guilds.refuses((place.guild_id,)) or channels.refuses(place.channel_ids) or roles.refuses(place.role_ids)
 
     def admits(self, place: Place) -> bool:
         """Whether ``place`` may ask."""

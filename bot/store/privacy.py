@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, ColumnElement, delete, exists, func, select
+from sqlalchemy import ColumnElement, CursorResult, delete, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
@@ -119,9 +119,7 @@ async def _leading_answers(session: AsyncSession, channels: Sequence[int]) -> li
     earlier = aliased(Turn)
     found: list[int] = []
     for batch in _batches(channels):
-        has_earlier: ColumnElement[bool] = exists().where(
-            earlier.channel_id == Turn.channel_id, earlier.id < Turn.id
-        )
+        has_earlier: ColumnElement[bool] = exists().where(earlier.channel_id == Turn.channel_id, earlier.id < Turn.id)
         query = select(Turn.id).where(Turn.channel_id.in_(batch), Turn.role == "assistant", ~has_earlier)
         found += await session.scalars(query)
     return found
@@ -144,11 +142,11 @@ async def delete_older_than(sessions: async_sessionmaker[AsyncSession], cutoff: 
         )
         channels = list(await session.scalars(select(Turn.channel_id).where(old).distinct()))
         questions = _rowcount(
-            await session.execute(delete(Turn).where(old, Turn.role == "user").execution_options(synchronize_session=False))
+            await session.execute(
+                delete(Turn).where(old, Turn.role == "user").execution_options(synchronize_session=False)
+            )
         )
-        answers = _rowcount(
-            await session.execute(delete(Turn).where(old).execution_options(synchronize_session=False))
-        )
+        answers = _rowcount(await session.execute(delete(Turn).where(old).execution_options(synchronize_session=False)))
         answers += await _delete_turns(session, await _leading_answers(session, channels))
         unused = ~exists().where(Turn.image_sha256 == Image.sha256)
         images = _rowcount(

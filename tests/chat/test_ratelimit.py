@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bot.chat.ratelimit import RateLimit, RateLimiter, Refusal, describe_seconds, parse_rate_limit
@@ -33,7 +35,7 @@ def test_rate_limits_are_read(text: str, expected: RateLimit | None) -> None:
 
 @pytest.mark.parametrize("text", ["", "10", "10/10", "10/10x", "ten/10m", "0/10m", "10/0m", "-1/10m", "10 per 10m"])
 def test_bad_rate_limits_say_how_to_write_them(text: str) -> None:
-    with pytest.raises(ValueError, match='e.g. "10/10m"'):
+    with pytest.raises(ValueError, match=re.escape('e.g. "10/10m"')):
         parse_rate_limit(text)
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.cogs.privacy import PrivacyCog
+from bot.config import parse_config
 from bot.store import HistoryStore, StoredImage
 from bot.store.models import Image, Turn
 from bot.store.privacy import Removed
@@ -145,3 +148,44 @@ async def test_retention_keeps_everything_recent(store: HistoryStore, engine: As
     assert await count_rows(engine, "turn_messages") == 2
     async with engine.connect() as connection:
         assert (await connection.execute(text("SELECT count(*) FROM images"))).scalar_one() == 1
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await check():
+        assert loop.time() < deadline, "not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_retention_runs_at_start_and_then_periodically(store: HistoryStore, engine: AsyncEngine) -> None:
+    bot = SimpleNamespace(config=parse_config({"chat": {"retention_days": 30}}), store=store)
+    cog = PrivacyCog(bot)  # type: ignore[arg-type]
+    cog.retention_every = 0.05
+    await age(engine, 40, turn_ids=[await ask(store, 1, ADA, "old at start", 100)])
+
+    await cog.cog_load()
+    await eventually(lambda: store_is_empty(store, 1))
+    await age(engine, 40, turn_ids=[await ask(store, 1, ADA, "old later", 101)])
+    await eventually(lambda: store_is_empty(store, 1))
+    await cog.cog_unload()
+
+    await age(engine, 40, turn_ids=[await ask(store, 1, ADA, "old after unloading", 102)])
+    await asyncio.sleep(cog.retention_every * 4)
+    assert await texts(store, 1) == ["old after unloading"]
+
+
+async def test_no_retention_by_default(store: HistoryStore, engine: AsyncEngine) -> None:
+    cog = PrivacyCog(SimpleNamespace(config=parse_config({}), store=store))  # type: ignore[arg-type]
+    cog.retention_every = 0.01
+    await age(engine, 4000, turn_ids=[await ask(store, 1, ADA, "kept forever", 100)])
+
+    await cog.cog_load()
+    await asyncio.sleep(0.1)
+    await cog.cog_unload()
+
+    assert await texts(store, 1) == ["kept forever"]
+
+
+async def store_is_empty(store: HistoryStore, channel: int) -> bool:
+    return await texts(store, channel) == []
