@@ -167,7 +167,7 @@ def _validate(config: Config) -> None:
     if config.chat.history_turns < 1:
         raise ConfigError("chat.history_turns must be at least 1")
     if config.chat.retention_days < 0:
-        raise ConfigError("chat.retention_days must be 0 (off) or a number of days")
+        raise ConfigError("chat.retention_days must be a number of days, or 0 to keep everything")
     try:
         parse_rate_limit(config.chat.rate_limit)
     except ValueError as error:
