@@ -104,9 +104,10 @@ class QuestionGate:
         refusal = self.limiter.check(user.id)
         if refusal is None:
             return None
-        log.info("Rate-limited user %s for %.0f s", user.id, refusal.retry_after)
         if refusal.already_told and not tell_again:
+            log.debug("Ignored another question from rate-limited user %s", user.id)
             return ""
+        log.info("Rate-limited user %s for %.0f s", user.id, refusal.retry_after)
         return SLOW_DOWN.format(limit=self.limiter.limit.describe(), when=discord_time(refusal.retry_after))
 
     async def _exempt(self, user: discord.abc.User) -> bool:
