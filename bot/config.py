@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot.chat.ratelimit import parse_rate_limit
 from bot.engine.manager import ENGINE_KINDS
 from bot.engine.variants import PRECISIONS
 
@@ -46,6 +47,16 @@ class DiscordConfig:
     # Only with it does Discord show the bot the images of messages that don't mention it, which a
     # question replying to someone else's picture needs.
     message_content_intent: bool = False
+    # Who may ask (mentions and /ask). An empty allow list admits everyone; a deny list always wins.
+    # A thread counts as its parent channel too; in DMs only the user lists apply.
+    allowed_guild_ids: list[int] = field(default_factory=list)
+    denied_guild_ids: list[int] = field(default_factory=list)
+    allowed_channel_ids: list[int] = field(default_factory=list)
+    denied_channel_ids: list[int] = field(default_factory=list)
+    allowed_role_ids: list[int] = field(default_factory=list)
+    denied_role_ids: list[int] = field(default_factory=list)
+    allowed_user_ids: list[int] = field(default_factory=list)
+    denied_user_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +87,10 @@ class ChatConfig:
     max_image_pixels: int = 40_000_000
     # Stored turns considered when building a prompt (the context window trims further).
     history_turns: int = 40
+    # Delete stored turns and images older than this many days (0 = keep them until /reset or /forget).
+    retention_days: int = 0
+    # Questions per person: "COUNT/PERIOD" with a unit s, m, h or d (e.g. "10/10m"), or "off".
+    rate_limit: str = "10/10m"
 
 
 @dataclass
@@ -159,6 +174,12 @@ def _validate(config: Config) -> None:
         raise ConfigError("chat.max_queue, chat.max_image_bytes and chat.max_image_pixels must be positive")
     if config.chat.history_turns < 1:
         raise ConfigError("chat.history_turns must be at least 1")
+    if config.chat.retention_days < 0:
+        raise ConfigError("chat.retention_days must be a number of days, or 0 to keep everything")
+    try:
+        parse_rate_limit(config.chat.rate_limit)
+    except ValueError as error:
+        raise ConfigError(f"chat.rate_limit: {error}") from error
 
 
 def parse_config(data: dict[str, Any]) -> Config:

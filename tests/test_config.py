@@ -34,6 +34,13 @@ def test_example_file_is_valid_and_shows_every_default() -> None:
         ({"discord": {"edit_interval": 0.01}}, "edit_interval must be at least"),
         ({"discord": {"reset_permission": "nobody"}}, "reset_permission"),
         ({"discord": {"admin_ids": [1, "x"]}}, "admin_ids[1] must be int"),
+        (
+            {"chat": {"rate_limit": "10 per minute"}},
+            "chat.rate_limit: '10 per minute' is not a rate limit: write it as \"COUNT/PERIOD\"",
+        ),
+        ({"chat": {"rate_limit": "0/1m"}}, "chat.rate_limit: '0/1m' must allow at least one question"),
+        ({"chat": {"retention_days": -1}}, "chat.retention_days must be a number of days, or 0 to keep everything"),
+        ({"discord": {"denied_user_ids": ["alice"]}}, "discord.denied_user_ids[0] must be int"),
     ],
 )
 def test_mistakes_name_the_key(document: dict, message: str) -> None:

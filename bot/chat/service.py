@@ -22,6 +22,7 @@ from bot.chat.streaming import ReplyStreamer
 from bot.engine.base import EngineError, GenerationSettings
 from bot.engine.manager import ModelManager
 from bot.store.history import HistoryStore, StoredImage
+from bot.store.privacy import Removed
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class ChatService:
         self._images = _ImageCache()
         # How often each channel was reset: an answer finishing after a reset must not be stored.
         self._resets: collections.Counter[int] = collections.Counter()
+        # The same for each person's /forget: their answer in flight must not be stored after it.
+        self._forgets: collections.Counter[int] = collections.Counter()
 
     async def answer(self, question: Question, streamer: ReplyStreamer[Any]) -> Answer:
         """Queue the question, stream the answer into ``streamer`` and store both turns."""
@@ -119,6 +122,7 @@ class ChatService:
 
     async def _generate(self, question: Question, streamer: ReplyStreamer[Any]) -> Answer:
         resets = self._resets[question.channel_id]
+        forgets = self._forgets[question.author_id]
         prompt = await self._prompt(question)
         image = None
         if question.image is not None:
@@ -143,14 +147,14 @@ class ChatService:
         dropped = DROPPED_NOTE.format(kept=kept) if prompt.dropped else ""
         completed = await streamer.finish(dropped + question.note)
         ids = self._ids(streamer)
-        if self._resets[question.channel_id] == resets:
+        if self._resets[question.channel_id] == resets and self._forgets[question.author_id] == forgets:
             try:
                 await self.store.add_assistant_turn(question.channel_id, streamer.text, message_ids=ids)
             except Exception:
                 # The person already has the whole answer; only the channel's memory of it is lost.
                 log.exception("Storing the answer in channel %s failed", question.channel_id)
         else:
-            # The question went with the reset; an answer stored alone would bring the old conversation back.
+            # The question went with the reset (or /forget); an answer stored alone would bring it back.
             log.info("Channel %s was reset while answering; the answer is not kept", question.channel_id)
         stats = stream.stats
         log.info(
@@ -197,6 +201,11 @@ class ChatService:
         """Forget a channel's conversation; returns the number of turns removed."""
         self._resets[channel_id] += 1
         return await self.store.reset(channel_id)
+
+    async def forget(self, author_id: int) -> Removed:
+        """Delete everything one person stored, in every channel, including an answer being written now."""
+        self._forgets[author_id] += 1
+        return await self.store.forget_author(author_id)
 
     @staticmethod
     def _ids(streamer: ReplyStreamer[Any]) -> tuple[int, ...]:

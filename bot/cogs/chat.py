@@ -25,6 +25,7 @@ from bot.chat.images import (
 from bot.chat.service import DEFAULT_QUESTION, Question
 from bot.chat.spoilers import SpoilerStreamer
 from bot.chat.streaming import ReplyStreamer
+from bot.cogs.gate import QuestionGate
 from bot.cogs.replies import NO_PINGS, InteractionSink, MessageReplySink
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class ChatCog(commands.Cog):
         chat = bot.config.chat
         self.limits = ImageLimits(max_bytes=chat.max_image_bytes, max_pixels=chat.max_image_pixels)
         self._tasks: set[asyncio.Task[object]] = set()
+        self.gate = QuestionGate(bot)
 
     async def cog_unload(self) -> None:
         for task in self._tasks:
@@ -93,7 +95,7 @@ class ChatCog(commands.Cog):
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if not await self.is_addressed(message):
+        if not await self.is_addressed(message) or not await self.gate.admit_message(message):
             return
         # Each question runs as its own task so that a long answer never holds up the gateway.
         task = asyncio.create_task(self.handle_message(message), name=f"answer-{message.id}")
@@ -229,6 +231,10 @@ class ChatCog(commands.Cog):
         self, interaction: discord.Interaction, question: str, image: discord.Attachment | None = None
     ) -> None:
         """Ask the model a question, optionally about an image; the answer streams into the response."""
+        refusal = await self.gate.refuse_interaction(interaction)
+        if refusal is not None:
+            await interaction.response.send_message(refusal, ephemeral=True, allowed_mentions=NO_PINGS)
+            return
         await interaction.response.defer(thinking=True)
         try:
             picked = await self.pick_image([image] if image else [])

@@ -22,7 +22,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.store import privacy
 from bot.store.models import Image, Setting, Turn, TurnMessage, utcnow
+from bot.store.privacy import Removed
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +211,14 @@ class HistoryStore:
                 )
         log.info("Reset channel %s: %d turns and %d images removed", channel_id, removed, collected)
         return removed
+
+    async def forget_author(self, author_id: int) -> Removed:
+        """Delete everything one person stored, in every channel (see :func:`bot.store.privacy.forget_author`)."""
+        return await privacy.forget_author(self._sessions, author_id)
+
+    async def delete_older_than(self, cutoff: datetime) -> Removed:
+        """Delete turns and images stored before ``cutoff`` (see :func:`bot.store.privacy.delete_older_than`)."""
+        return await privacy.delete_older_than(self._sessions, cutoff)
 
     async def put_image(self, data: bytes, mime: str, width: int, height: int) -> str:
         """Store normalised image bytes unless already present, and return their SHA-256 (hex)."""

@@ -395,14 +395,14 @@ class DiscordEmulator:
         """Synced application commands by guild id (``None`` for global commands)."""
         self.typing: list[int] = []
         """The channel id of every typing indicator the bot triggered, in order."""
+        self.downloads: list[int] = []
+        """The id of every attachment fetched from the CDN, in order."""
         self.intents: int | None = None
         self.compression: str | None = None
         self.identify_count = 0
         self.resume_count = 0
 
         self._uploads: dict[int, tuple[bytes, str, str]] = {}  # attachment id -> data, type, signature
-        self.cdn_fetches: list[int] = []
-        """The attachment id of every CDN download, in order."""
         self._connections: set[_GatewayConnection] = set()
         self._sessions: dict[str, int] = {}
         self._edit_limit: _EditLimit | None = None
@@ -1598,7 +1598,7 @@ class DiscordEmulator:
     # ----------------------------------------------------------------------------- CDN and gateway
 
     async def _cdn(self, request: web.Request) -> web.Response:
-        self.cdn_fetches.append(int(request.match_info["attachment_id"]))
+        self.downloads.append(int(request.match_info["attachment_id"]))
         upload = self._uploads.get(int(request.match_info["attachment_id"]))
         if upload is None or request.query.get("hm") != upload[2]:
             return web.Response(status=404, text="This content is no longer available.")

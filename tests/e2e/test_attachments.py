@@ -55,7 +55,7 @@ async def test_a_text_file_beside_the_image_is_skipped(
     assert answer == expected + "\n-# I looked only at photo.png; not used: notes.txt."
     assert stored == photo, "the upload itself is kept, byte for byte"
     text_ids = {int(a["id"]) for a in asked["attachments"] + only_text["attachments"] if a["filename"] == "notes.txt"}
-    assert not text_ids & set(emulator.cdn_fetches), "a file Discord says is text was downloaded"
+    assert not text_ids & set(emulator.downloads), "a file Discord says is text was downloaded"
     # When nothing is an image, the person still learns why.
     assert refusal == NOT_AN_IMAGE
 
