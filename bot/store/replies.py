@@ -48,9 +48,7 @@ class ReplyStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
-    async def open(
-        self, channel_id: int, message_ids: Sequence[int], *, interaction: Interaction | None = None
-    ) -> int:
+    async def open(self, channel_id: int, message_ids: Sequence[int], *, interaction: Interaction | None = None) -> int:
         """Record a reply that has just been posted and return its id."""
         row = OpenReply(
             channel_id=channel_id,
