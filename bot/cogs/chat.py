@@ -12,9 +12,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.chat.images import ImageLimits, ImageRejected, PreparedImage, check_size, download, load_image
+from bot.chat.lifecycle import RESTARTING, TrackedSink
 from bot.chat.service import DEFAULT_QUESTION, Question
 from bot.chat.streaming import ReplyStreamer
 from bot.cogs.replies import NO_PINGS, InteractionSink, MessageReplySink
+from bot.store.replies import Interaction
 
 if TYPE_CHECKING:
     from bot.client import LlavaBot
@@ -65,10 +67,14 @@ class ChatCog(commands.Cog):
     async def on_message(self, message: discord.Message) -> None:
         if not await self.is_addressed(message):
             return
+        if not self.bot.answers.accepting:
+            await self.say(message, RESTARTING)
+            return
         # Each question runs as its own task so that a long answer never holds up the gateway.
         task = asyncio.create_task(self.handle_message(message), name=f"answer-{message.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self.bot.answers.add(task)
 
     def question_text(self, content: str) -> str:
         """The question without the bot's mention."""
@@ -78,7 +84,7 @@ class ChatCog(commands.Cog):
 
     async def handle_message(self, message: discord.Message) -> None:
         """Turn a Discord message into a question and stream the answer as a reply."""
-        streamer = self.streamer(MessageReplySink(message))
+        sink = TrackedSink(MessageReplySink(message), self.bot.replies, message.channel.id)
         try:
             image = await self.first_image(message.attachments)
         except ImageRejected as error:
@@ -98,9 +104,16 @@ class ChatCog(commands.Cog):
             message_id=message.id,
         )
         try:
-            await self.bot.chat.answer(question, streamer)
+            await self.answer(question, sink)
         except discord.HTTPException:
             log.exception("Could not reply in channel %s", message.channel.id)
+
+    async def answer(self, question: Question, sink: TrackedSink[discord.Message]) -> None:
+        """Stream the answer into ``sink``; the reply's record is closed however the answer ends."""
+        try:
+            await self.bot.chat.answer(question, self.streamer(sink))
+        finally:
+            await asyncio.shield(sink.close())
 
     def nothing_to_answer(self, message: discord.Message) -> str:
         """Why there is no question: a bare mention, or a reply whose text Discord withheld from the bot."""
@@ -116,7 +129,9 @@ class ChatCog(commands.Cog):
         except discord.HTTPException:
             log.warning("Could not reply in channel %s", message.channel.id, exc_info=True)
 
-    def streamer(self, sink: MessageReplySink | InteractionSink) -> ReplyStreamer[discord.Message]:
+    def streamer(
+        self, sink: MessageReplySink | InteractionSink | TrackedSink[discord.Message]
+    ) -> ReplyStreamer[discord.Message]:
         return ReplyStreamer(sink, edit_interval=self.bot.config.discord.edit_interval)
 
     async def first_image(self, attachments: list[discord.Attachment]) -> PreparedImage | None:
@@ -137,6 +152,9 @@ class ChatCog(commands.Cog):
     ) -> None:
         """Ask the model a question, optionally about an image; the answer streams into the response."""
         await interaction.response.defer(thinking=True)
+        if not self.bot.answers.accepting:
+            await interaction.edit_original_response(content=RESTARTING, allowed_mentions=NO_PINGS)
+            return
         try:
             prepared = await self.first_image([image] if image else [])
         except ImageRejected as error:
@@ -152,11 +170,12 @@ class ChatCog(commands.Cog):
             image=prepared,
         )
         # Tracked like the answers to messages, so that shutting down ends this reply with a sentence too.
-        task = asyncio.create_task(
-            self.bot.chat.answer(asked, self.streamer(InteractionSink(interaction))), name=f"ask-{interaction.id}"
-        )
+        webhook = Interaction(interaction.application_id, interaction.token)
+        sink = TrackedSink(InteractionSink(interaction), self.bot.replies, channel_id, interaction=webhook)
+        task = asyncio.create_task(self.answer(asked, sink), name=f"ask-{interaction.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self.bot.answers.add(task)
         await task
 
 
