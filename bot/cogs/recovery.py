@@ -86,12 +86,14 @@ class _Target:
             await self.channel.get_partial_message(message_id).edit(content=content, allowed_mentions=NO_PINGS)
 
     async def add_line(self, message_id: int, line: str) -> None:
-        """A sentence that no longer fits into the message goes below it."""
-        if self.webhook is not None:
-            await self.webhook.send(line, allowed_mentions=NO_PINGS)
-        else:
-            reference = self.channel.get_partial_message(message_id)
+        """A sentence that no longer fits into the message goes below it, as a reply to it."""
+        reference = self.channel.get_partial_message(message_id)
+        try:
             await self.channel.send(line, reference=reference, mention_author=False, allowed_mentions=NO_PINGS)
+        except discord.HTTPException:
+            if self.webhook is None:
+                raise
+            await self.webhook.send(line, allowed_mentions=NO_PINGS)
 
 
 class RecoveryCog(commands.Cog):
@@ -147,7 +149,7 @@ class RecoveryCog(commands.Cog):
                 await target.edit(message_id, wanted)
             else:
                 await target.edit(message_id, content.removesuffix(DEFAULT_MARKER))
-                await target.add_line(message_id, f"⚠️ {CUT_OFF}")
+                await target.add_line(message_id, FAILURE_LINE.format(sentence=CUT_OFF).lstrip())
             log.info("Closed message %s of an unfinished reply in channel %s", message_id, reply.channel_id)
 
 
