@@ -130,11 +130,14 @@ class BotProcess:
 
     def worker_pids(self) -> list[int]:
         """Process ids of the bot's child processes (the batching engine's worker)."""
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        try:
-            return [int(p) for p in children.read_text().split()]
-        except OSError:
-            return []
+        # Each thread lists the children it started, and the engine is loaded from a worker thread.
+        pids: list[int] = []
+        for children in Path(f"/proc/{self.pid}/task").glob("*/children"):
+            try:
+                pids.extend(int(p) for p in children.read_text().split())
+            except OSError:
+                continue
+        return sorted(set(pids))
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

@@ -117,6 +117,7 @@ async def test_sigterm_closes_answers_that_outlast_the_grace_period(
         assert workers
         stop_workers(workers, signal.SIGSTOP)
         try:
+            await emulator.wait_quiet(0.5, 30)
             shown = {
                 "mention": text_of(answer_messages(emulator, asked)),
                 "ask": text_of(response(emulator, interaction)),
