@@ -171,8 +171,9 @@ async def test_a_restart_closes_the_replies_a_crash_left_open(
         stop_workers(workers, signal.SIGSTOP)
         await emulator.wait_quiet(0.5, 30)
         bot.signal(signal.SIGKILL)
-        assert await bot.wait_exit(30) == -signal.SIGKILL
+        # The worker shares the bot's log pipe: the log only ends once it has gone too.
         stop_workers(workers, signal.SIGKILL)
+        assert await bot.wait_exit(30) == -signal.SIGKILL
         before = {
             "mention": [m.content for m in answer_messages(emulator, asked)],
             "fresh": [m.content for m in response(emulator, fresh)],
@@ -203,7 +204,7 @@ async def test_a_restart_closes_the_replies_a_crash_left_open(
         assert [r.path for r in edits if r.path.endswith(f"/{stale_id}")] == [
             f"/channels/{emulator.thread_id}/messages/{stale_id}"
         ]
-        await emulator.wait_for(lambda: "replies left unfinished" in bot.log(), 10)
+        await emulator.wait_for(lambda: "3 replies were left unfinished" in bot.log(), 10)
 
         # The bot answers in the crashed conversation again, about the same picture.
         follow_up = await emulator.user_message(emulator.channel_id, emulator.user, "And what colour is it?")
