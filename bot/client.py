@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.chat.lifecycle import RESTARTING, AnswerTasks
 from bot.chat.scheduler import Scheduler
 from bot.chat.service import ChatService
 from bot.config import Config
@@ -22,10 +25,11 @@ from bot.engine.manager import ModelManager
 from bot.loopwatch import LoopWatch
 from bot.store.db import create_engine, session_factory, upgrade
 from bot.store.history import HistoryStore
+from bot.store.replies import ReplyStore
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.chat", "bot.cogs.admin", "bot.cogs.privacy")
+EXTENSIONS = ("bot.cogs.chat", "bot.cogs.admin", "bot.cogs.privacy", "bot.cogs.recovery")
 COMMAND_FAILED = "Something went wrong with that command; the details were logged."
 
 
@@ -37,6 +41,7 @@ class LlavaBot(commands.Bot):
     """The bot. Resources are created in :meth:`setup_hook` and released in :meth:`close`."""
 
     store: HistoryStore
+    replies: ReplyStore
     models: ModelManager
     chat: ChatService
     http_session: aiohttp.ClientSession
@@ -58,12 +63,16 @@ class LlavaBot(commands.Bot):
         self.config = config
         self.loop_watch = LoopWatch()
         self.tree.error(self.on_app_command_error)
+        self.answers = AnswerTasks()
+        self._cut_short = asyncio.Event()
+        self._shutdown: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         config = self.config
         await upgrade(config.database.url)
         self.db_engine = create_engine(config.database.url)
         self.store = HistoryStore(session_factory(self.db_engine))
+        self.replies = ReplyStore(session_factory(self.db_engine))
         self.http_session = aiohttp.ClientSession()
         model = config.model
         self.models = ModelManager(
@@ -113,6 +122,35 @@ class LlavaBot(commands.Bot):
                 await interaction.response.send_message(COMMAND_FAILED, ephemeral=True)
         except discord.HTTPException:
             log.warning("Could not report the failure of a command", exc_info=True)
+
+    def request_shutdown(self, signum: int) -> None:
+        """A signal asked the bot to stop: finish answers within the grace period, then close; twice: hurry."""
+        name = signal.Signals(signum).name
+        if self._shutdown is None:
+            log.info(
+                "%s received: taking no new questions; answers get up to %.0f s to finish",
+                name,
+                self.config.discord.shutdown_grace,
+            )
+            self._shutdown = asyncio.create_task(self.shutdown(), name="shutdown")
+        elif not self._cut_short.is_set():
+            log.info("%s received again: ending the remaining answers now", name)
+            self._cut_short.set()
+
+    async def shutdown(self) -> None:
+        """Stop taking questions, let running answers finish within ``discord.shutdown_grace``, then close."""
+        if hasattr(self, "chat"):
+            self.chat.interrupted_sentence = RESTARTING
+        running = len(self.answers)
+        cut = await self.answers.drain(self.config.discord.shutdown_grace, self._cut_short)
+        if running:
+            log.info("%d answers finished in time, %d were cut short", running - cut, cut)
+        await self.close()
+
+    async def wait_shutdown(self) -> None:
+        """Wait for a shutdown that a signal started, if any, to complete."""
+        if self._shutdown is not None:
+            await self._shutdown
 
     async def close(self) -> None:
         for name in list(self.extensions):
@@ -165,6 +203,20 @@ def run_bot(config: Config) -> int:
     ensure_model(config)
     point_at(config)
     bot = LlavaBot(config)
-    # discord.py would install its own log handler; the CLI already configured logging.
-    bot.run(config.discord.token, log_handler=None)
+    asyncio.run(_serve(bot, config.discord.token))
     return 0
+
+
+async def _serve(bot: LlavaBot, token: str) -> None:
+    # discord.py's Client.run() only turns Ctrl+C into a close, and SIGTERM (a deploy, systemd, docker stop)
+    # would end the process at once, leaving replies half-written. Both signals get the graceful path.
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, bot.request_shutdown, signum)
+    try:
+        async with bot:
+            await bot.start(token)
+        await bot.wait_shutdown()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

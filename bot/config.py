@@ -57,6 +57,8 @@ class DiscordConfig:
     denied_role_ids: list[int] = field(default_factory=list)
     allowed_user_ids: list[int] = field(default_factory=list)
     denied_user_ids: list[int] = field(default_factory=list)
+    # Seconds that answers still being written get to finish after SIGTERM/SIGINT before they are cut short.
+    shutdown_grace: float = 20.0
 
 
 @dataclass
@@ -170,6 +172,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("discord.reset_permission must be 'everyone', 'moderators' or 'admins'")
     if config.discord.edit_interval < 0.2:
         raise ConfigError("discord.edit_interval must be at least 0.2 seconds")
+    if config.discord.shutdown_grace < 0:
+        raise ConfigError("discord.shutdown_grace must be 0 or more seconds")
     if config.chat.max_queue < 1 or config.chat.max_image_bytes < 1 or config.chat.max_image_pixels < 1:
         raise ConfigError("chat.max_queue, chat.max_image_bytes and chat.max_image_pixels must be positive")
     if config.chat.history_turns < 1:

@@ -43,10 +43,12 @@ def build_prompt(
 
     Only the most recent image is shown to the model: it is "the image being discussed", and LLaVA
     models answer about one image at a time. Oldest turns are dropped first; the turn that carries
-    the image and the new question are never dropped.
+    the image and the new question are never dropped. Questions that never got an answer are left out
+    (see :func:`answered_turns`).
     """
     if not history or history[-1].role != "user":
         raise ValueError("history must end with the user's new turn")
+    history = answered_turns(history)
     image_index = next((i for i in range(len(history) - 1, -1, -1) if history[i].image_sha256), None)
     image_sha = history[image_index].image_sha256 if image_index is not None else None
     image = load_image(image_sha) if image_sha else None
@@ -78,3 +80,22 @@ def build_prompt(
     if dropped:
         log.debug("Dropped %d old turns to fit %d tokens", dropped, budget)
     return BuiltPrompt(conversation, dropped, image_sha, tokens)
+
+
+def answered_turns(history: Sequence[HistoryTurn]) -> list[HistoryTurn]:
+    """The history without questions that never got an answer, so that no two user turns follow each other.
+
+    A question stays unanswered when its answer failed or the bot stopped (a restart, a crash) before it was
+    stored. Two questions in a row would have the model answer the old one too; left out, it still lends its
+    picture to the next question, which is what a follow-up ("and what colour is it?") is about.
+    """
+    kept: list[HistoryTurn] = []
+    carried: str | None = None
+    for index, turn in enumerate(history):
+        if turn.role == "user" and index + 1 < len(history) and history[index + 1].role == "user":
+            carried = turn.image_sha256 or carried
+            continue
+        inherits = carried is not None and turn.role == "user" and turn.image_sha256 is None
+        kept.append(HistoryTurn(turn.role, turn.text, carried) if inherits else turn)
+        carried = None
+    return kept

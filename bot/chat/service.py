@@ -31,6 +31,7 @@ THINKING = "⏳ Thinking…"
 WAITING = "⏳ Waiting in line: position {position}."
 DROPPED_NOTE = "\n-# Only the last {kept} messages of this channel's conversation fit in the model's memory."
 UNEXPECTED = "Something went wrong on my side while answering; the details were logged."
+STOPPED = "I was stopped before I could finish."
 DEFAULT_QUESTION = "Describe this image."
 
 
@@ -98,6 +99,8 @@ class ChatService:
         self._resets: collections.Counter[int] = collections.Counter()
         # The same for each person's /forget: their answer in flight must not be stored after it.
         self._forgets: collections.Counter[int] = collections.Counter()
+        # How a reply cut short by cancellation ends; a shutdown puts its own sentence here.
+        self.interrupted_sentence = STOPPED
 
     async def answer(self, question: Question, streamer: ReplyStreamer[Any]) -> Answer:
         """Queue the question, stream the answer into ``streamer`` and store both turns."""
@@ -113,7 +116,7 @@ class ChatService:
             log.info("Question in channel %s from %s not answered: %s", question.channel_id, question.author_id, error)
             await streamer.fail(str(error))
         except asyncio.CancelledError:
-            await asyncio.shield(streamer.fail("I was stopped before I could finish."))
+            await asyncio.shield(streamer.fail(self.interrupted_sentence))
             raise
         except Exception:
             log.exception("Answering in channel %s failed", question.channel_id)

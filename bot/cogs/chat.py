@@ -22,11 +22,13 @@ from bot.chat.images import (
     download,
     load_image,
 )
+from bot.chat.lifecycle import RESTARTING, TrackedSink
 from bot.chat.service import DEFAULT_QUESTION, Question
 from bot.chat.spoilers import SpoilerStreamer
 from bot.chat.streaming import ReplyStreamer
 from bot.cogs.gate import QuestionGate
 from bot.cogs.replies import NO_PINGS, InteractionSink, MessageReplySink
+from bot.store.replies import Interaction
 
 if TYPE_CHECKING:
     from bot.client import LlavaBot
@@ -97,10 +99,14 @@ class ChatCog(commands.Cog):
     async def on_message(self, message: discord.Message) -> None:
         if not await self.is_addressed(message) or not await self.gate.admit_message(message):
             return
+        if not self.bot.answers.accepting:
+            await self.say(message, RESTARTING)
+            return
         # Each question runs as its own task so that a long answer never holds up the gateway.
         task = asyncio.create_task(self.handle_message(message), name=f"answer-{message.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self.bot.answers.add(task)
 
     def question_text(self, content: str) -> str:
         """The question without the bot's mention."""
@@ -118,6 +124,7 @@ class ChatCog(commands.Cog):
                 await self.say(message, REPLIED_HIDDEN)
                 return
             attachments = replied.attachments if replied is not None else []
+        sink = TrackedSink(MessageReplySink(message), self.bot.replies, message.channel.id)
         try:
             picked = await self.pick_image(attachments)
         except ImageRejected as error:
@@ -137,9 +144,8 @@ class ChatCog(commands.Cog):
             message_id=message.id,
             note=picked.note if picked else "",
         )
-        streamer = self.streamer(MessageReplySink(message), spoiler=picked is not None and picked.spoiler)
         try:
-            await self.bot.chat.answer(question, streamer)
+            await self.answer(question, sink, spoiler=picked is not None and picked.spoiler)
         except discord.HTTPException:
             log.exception("Could not reply in channel %s", message.channel.id)
 
@@ -171,6 +177,13 @@ class ChatCog(commands.Cog):
             return False
         return not any(user.id == me.id for user in replied.mentions)
 
+    async def answer(self, question: Question, sink: TrackedSink[discord.Message], *, spoiler: bool = False) -> None:
+        """Stream the answer into ``sink``; the reply's record is closed however the answer ends."""
+        try:
+            await self.bot.chat.answer(question, self.streamer(sink, spoiler=spoiler))
+        finally:
+            await asyncio.shield(sink.close())
+
     def nothing_to_answer(self, message: discord.Message) -> str:
         """Why there is no question: a bare mention, or a reply whose text Discord withheld from the bot."""
         me = self.bot.user
@@ -186,7 +199,10 @@ class ChatCog(commands.Cog):
             log.warning("Could not reply in channel %s", message.channel.id, exc_info=True)
 
     def streamer(
-        self, sink: MessageReplySink | InteractionSink, *, spoiler: bool = False
+        self,
+        sink: MessageReplySink | InteractionSink | TrackedSink[discord.Message],
+        *,
+        spoiler: bool = False,
     ) -> ReplyStreamer[discord.Message]:
         """The streamer of one reply; an answer about a spoilered image stays inside spoiler tags."""
         kind = SpoilerStreamer if spoiler else ReplyStreamer
@@ -236,6 +252,9 @@ class ChatCog(commands.Cog):
             await interaction.response.send_message(refusal, ephemeral=True, allowed_mentions=NO_PINGS)
             return
         await interaction.response.defer(thinking=True)
+        if not self.bot.answers.accepting:
+            await interaction.edit_original_response(content=RESTARTING, allowed_mentions=NO_PINGS)
+            return
         try:
             picked = await self.pick_image([image] if image else [])
         except ImageRejected as error:
@@ -251,14 +270,13 @@ class ChatCog(commands.Cog):
             image=picked.image if picked else None,
         )
         # Tracked like the answers to messages, so that shutting down ends this reply with a sentence too.
-        task = asyncio.create_task(
-            self.bot.chat.answer(
-                asked, self.streamer(InteractionSink(interaction), spoiler=bool(picked and picked.spoiler))
-            ),
-            name=f"ask-{interaction.id}",
-        )
+        webhook = Interaction(interaction.application_id, interaction.token)
+        sink = TrackedSink(InteractionSink(interaction), self.bot.replies, channel_id, interaction=webhook)
+        spoiler = bool(picked and picked.spoiler)
+        task = asyncio.create_task(self.answer(asked, sink, spoiler=spoiler), name=f"ask-{interaction.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self.bot.answers.add(task)
         await task
 
 

@@ -377,6 +377,10 @@ def serve(conn: Connection) -> None:
 def main() -> None:
     """The child's entry point: ``python -c "from bot.engine.batching import main; main()" FD``."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s [batching]: %(message)s")
+    # The bot decides when this process ends (it closes the connection, or dies). A deploy may signal every
+    # process of the group at once (Ctrl+C does), and the answers given a grace period still need the model.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(Connection(int(sys.argv[1])))
 
 

@@ -1,4 +1,4 @@
-"""The conversation store: channel histories, their images and bot-wide settings, in SQL.
+"""The conversation store: channel histories, their images, bot-wide settings and open replies, in SQL.
 
 Knows nothing about Discord or the model; ids are plain integers and images plain bytes.
 """
@@ -14,10 +14,13 @@ from bot.store.db import (
     upgrade_sync,
 )
 from bot.store.history import HistoryStore, StoredImage, StoredTurn
+from bot.store.replies import ReplyStore, StoredReply
 
 __all__ = [
     "HistoryStore",
+    "ReplyStore",
     "StoredImage",
+    "StoredReply",
     "StoredTurn",
     "alembic_config",
     "create_engine",

@@ -29,12 +29,16 @@ log = logging.getLogger(__name__)
 
 
 def _migrations_dir() -> Path:
-    # Installed, the scripts are the package ``bot.migrations``; in a source checkout run without installing,
-    # they are the top-level ``migrations/`` folder that package is built from.
+    # Installed, the scripts are the package ``bot.migrations``; in a source checkout they are the top-level
+    # ``migrations/`` folder that package is built from. A checkout run from its own folder uses its own
+    # scripts even when the environment has another checkout installed in editable mode.
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "migrations" / "env.py").is_file():
+        return checkout / "migrations"
     try:
         folder = Path(str(importlib.resources.files("bot.migrations")))
     except ModuleNotFoundError:
-        folder = Path(__file__).resolve().parents[2] / "migrations"
+        folder = checkout / "migrations"
     return folder
 
 

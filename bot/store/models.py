@@ -153,3 +153,26 @@ class Setting(Base):
         onupdate=utcnow,
         server_default=func.current_timestamp(),
     )
+
+
+class OpenReply(Base):
+    """A reply the bot is still writing; the row is deleted once the reply is closed.
+
+    A row that outlives its process (a crash, a power cut) tells the next start which messages still show
+    the "still writing" marker, so that it can end them with a sentence.
+    """
+
+    __tablename__ = "open_replies"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # The reply's Discord messages in order; a long answer spans several.
+    message_ids: Mapped[list[int]] = mapped_column(JSON, nullable=False, default=list)
+    # For an answer to /ask: the interaction's webhook, usable for 15 minutes, which can edit the response even
+    # where the bot cannot read the channel.
+    application_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    interaction_token: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, server_default=func.current_timestamp()
+    )

@@ -1,4 +1,4 @@
-"""Fitting a channel's history into the model's context window."""
+"""Fitting a channel's history into the model's context window, with no question left hanging without its answer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 from PIL import Image
 
-from bot.chat.prompt import HistoryTurn, build_prompt
+from bot.chat.prompt import HistoryTurn, answered_turns, build_prompt
 from bot.engine.base import ContextTooLong, Turn
 
 IMAGE_TOKENS = 50
@@ -84,3 +84,94 @@ def test_a_question_too_long_for_the_window_is_refused_with_the_window_named() -
 def test_history_must_end_with_the_new_question() -> None:
     with pytest.raises(ValueError, match="must end with the user's new turn"):
         build_prompt(history(("assistant", "hello", None)), load, count, context_window=100, reserve=10)
+
+
+# --- questions that never got an answer ---------------------------------------------------------
+PICTURES = {sha: Image.new("RGB", (8, 8), colour) for sha, colour in (("cat", "red"), ("dog", "blue"))}
+
+
+def words(conversation: Sequence[Turn]) -> int:
+    """A stand-in token count: one per word, and ten per image."""
+    return sum(len(turn.text.split()) + 10 * len(turn.images) for turn in conversation)
+
+
+def build(history: list[HistoryTurn], window: int = 1000) -> list[tuple[str, str, bool]]:
+    prompt = build_prompt(history, PICTURES.__getitem__, words, window, reserve=0)
+    return [(turn.role, turn.text, bool(turn.images)) for turn in prompt.conversation]
+
+
+def test_a_question_whose_answer_failed_does_not_leave_two_questions_in_a_row() -> None:
+    history = [
+        HistoryTurn("user", "what is this?", "cat"),
+        HistoryTurn("assistant", "a cat"),
+        HistoryTurn("user", "how old is it?"),  # its answer failed
+        HistoryTurn("user", "what is it sitting on?"),
+    ]
+
+    assert build(history) == [
+        ("user", "what is this?", True),
+        ("assistant", "a cat", False),
+        ("user", "what is it sitting on?", False),
+    ]
+
+
+def test_the_picture_of_an_unanswered_question_stays_for_the_follow_up() -> None:
+    history = [
+        HistoryTurn("user", "what is this?", "dog"),
+        HistoryTurn("assistant", "a dog"),
+        HistoryTurn("user", "and this one?", "cat"),  # interrupted by a restart
+        HistoryTurn("user", "describe it again, please"),  # asked again, without re-sending the picture
+    ]
+
+    prompt = build_prompt(history, PICTURES.__getitem__, words, 1000, reserve=0)
+
+    assert [(turn.role, turn.text) for turn in prompt.conversation] == [
+        ("user", "what is this?"),
+        ("assistant", "a dog"),
+        ("user", "describe it again, please"),
+    ]
+    assert prompt.image_sha256 == "cat"
+    assert prompt.conversation[-1].images == (PICTURES["cat"],)
+    assert all(not turn.images for turn in prompt.conversation[:-1])
+    assert prompt.dropped == 0, "questions left out for lack of an answer are not 'older turns that did not fit'"
+
+
+def test_a_new_picture_wins_over_the_one_of_an_unanswered_question() -> None:
+    history = [
+        HistoryTurn("user", "what is this?", "cat"),  # failed
+        HistoryTurn("user", "and this?", "dog"),
+    ]
+
+    assert answered_turns(history) == [HistoryTurn("user", "and this?", "dog")]
+    assert build(history) == [("user", "and this?", True)]
+
+
+def test_several_unanswered_questions_in_a_row_leave_only_the_last() -> None:
+    history = [
+        HistoryTurn("user", "first", "cat"),
+        HistoryTurn("user", "second"),
+        HistoryTurn("user", "third"),
+        HistoryTurn("assistant", "an answer to the third"),
+        HistoryTurn("user", "fourth"),
+    ]
+
+    assert answered_turns(history) == [
+        HistoryTurn("user", "third", "cat"),
+        HistoryTurn("assistant", "an answer to the third"),
+        HistoryTurn("user", "fourth"),
+    ]
+
+
+def test_answered_history_is_kept_as_it_is() -> None:
+    history = [
+        HistoryTurn("user", "what is this?", "cat"),
+        HistoryTurn("assistant", "a cat"),
+        HistoryTurn("user", "what colour?"),
+    ]
+
+    assert answered_turns(history) == history
+    assert build(history) == [
+        ("user", "what is this?", True),
+        ("assistant", "a cat", False),
+        ("user", "what colour?", False),
+    ]

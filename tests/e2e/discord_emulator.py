@@ -74,6 +74,8 @@ FLAG_EPHEMERAL = 1 << 6
 FLAG_LOADING = 1 << 7
 FLAG_SUPPRESS_NOTIFICATIONS = 1 << 12
 ATTACHMENT_IS_SPOILER = 1 << 3
+# An interaction's token (its webhook: the response, follow-ups) works for this long after the interaction.
+INTERACTION_TOKEN_LIFETIME = 15 * 60.0
 _SETTABLE_FLAGS = FLAG_SUPPRESS_EMBEDS | FLAG_EPHEMERAL | FLAG_SUPPRESS_NOTIFICATIONS
 
 # What Discord empties in a message the bot may not read (see DiscordEmulator.bot_may_read).
@@ -560,6 +562,10 @@ class DiscordEmulator:
         if description is not None:
             payload["description"] = description
         return payload
+
+    def expire_interaction_token(self, interaction: InteractionRecord) -> None:
+        """Age ``interaction`` past its token's 15 minutes: its webhook then answers 401 Invalid Webhook Token."""
+        interaction.created_at -= INTERACTION_TOKEN_LIFETIME
 
     def expire_attachment_urls(self) -> None:
         """Make every attachment URL handed out so far answer 404, like an expired signed CDN URL."""
@@ -1278,8 +1284,12 @@ class DiscordEmulator:
         return record
 
     def _own_message(self, record: MessageRecord) -> MessageRecord:
-        if record.author_id != self.bot_user.id or record.source != "channel":
+        if record.author_id != self.bot_user.id:
             raise ApiError(403, 50005, "Cannot edit a message authored by another user")
+        # Interaction responses are the bot's own messages and can be edited through the channel too, except
+        # ephemeral ones: only the interaction's webhook reaches those.
+        if record.flags & FLAG_EPHEMERAL:
+            raise ApiError(404, 10008, "Unknown Message")
         return record
 
     # ----------------------------------------------------------------------------- HTTP plumbing
@@ -1333,6 +1343,9 @@ class DiscordEmulator:
         if int(app_id) == self.application_id:
             for record in self.interactions.values():
                 if record.token == token:
+                    age = asyncio.get_running_loop().time() - record.created_at
+                    if age >= INTERACTION_TOKEN_LIFETIME:
+                        raise ApiError(401, 50027, "Invalid Webhook Token")
                     return record
         raise ApiError(404, 10015, "Unknown Webhook")
 
@@ -1426,7 +1439,10 @@ class DiscordEmulator:
 
     async def _get_message(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
         channel_id, message_id = int(request.match_info["channel_id"]), int(request.match_info["message_id"])
-        return _json_response(self.as_seen_by_bot(self._message_in(channel_id, message_id).data))
+        record = self._message_in(channel_id, message_id)
+        if record.flags & FLAG_EPHEMERAL:
+            raise ApiError(404, 10008, "Unknown Message")
+        return _json_response(self.as_seen_by_bot(record.data))
 
     async def _patch_message(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
         channel_id, message_id = int(request.match_info["channel_id"]), int(request.match_info["message_id"])

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.store import (
     HistoryStore,
+    ReplyStore,
     create_engine,
     current_revision,
     downgrade,
@@ -29,7 +30,9 @@ from tests.store.conftest import count_rows, image
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 FIRST = "0001"
-TABLES = {"alembic_version", "images", "turns", "turn_messages", "settings"}
+# The last revision without the record of replies in progress.
+BEFORE_OPEN_REPLIES = "0002"
+TABLES = {"alembic_version", "images", "turns", "turn_messages", "settings", "open_replies"}
 
 
 async def table_names(engine: AsyncEngine) -> set[str]:
@@ -210,5 +213,45 @@ async def test_downgrade_to_base_removes_every_table(db_url: str) -> None:
     engine = create_engine(db_url)
     try:
         assert await table_names(engine) <= {"alembic_version"}
+    finally:
+        await engine.dispose()
+
+
+async def test_the_open_replies_revision_upgrades_and_downgrades_without_touching_conversations(db_url: str) -> None:
+    await upgrade(db_url, BEFORE_OPEN_REPLIES)
+    engine = create_engine(db_url)
+    try:
+        assert await table_names(engine) == TABLES - {"open_replies"}
+        turn_id = await HistoryStore(session_factory(engine)).add_user_turn(
+            5, "what is this?", author_id=1, author_name="ada", image=image(), message_ids=[900]
+        )
+    finally:
+        await engine.dispose()
+
+    await upgrade(db_url)
+    assert await current_revision(db_url) == head_revision() == "0003"
+    engine = create_engine(db_url)
+    try:
+        replies = ReplyStore(session_factory(engine))
+        reply_id = await replies.open(5, [901, 902])
+        [stored] = await replies.open_replies()
+        assert (stored.id, stored.channel_id, stored.message_ids) == (reply_id, 5, (901, 902))
+    finally:
+        await engine.dispose()
+
+    await downgrade(db_url, BEFORE_OPEN_REPLIES)
+    assert await current_revision(db_url) == BEFORE_OPEN_REPLIES
+    engine = create_engine(db_url)
+    try:
+        assert await table_names(engine) == TABLES - {"open_replies"}
+        [turn] = await HistoryStore(session_factory(engine)).turns(5)
+        assert (turn.id, turn.text, turn.image_sha256) == (turn_id, "what is this?", image().sha256)
+    finally:
+        await engine.dispose()
+
+    await upgrade(db_url)
+    engine = create_engine(db_url)
+    try:
+        assert await ReplyStore(session_factory(engine)).open_replies() == []
     finally:
         await engine.dispose()
