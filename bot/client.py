@@ -25,7 +25,7 @@ from bot.store.history import HistoryStore
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.chat", "bot.cogs.admin")
+EXTENSIONS = ("bot.cogs.chat", "bot.cogs.admin", "bot.cogs.stopping")
 COMMAND_FAILED = "Something went wrong with that command; the details were logged."
 
 
