@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -30,8 +31,9 @@ STOP_ID = "llava-bot:stop"
 
 
 class StopButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=re.escape(STOP_ID)):
-    """The Stop button. One handler serves every reply (and replies from before a restart), because
-    it finds the answer by the message the button sits on."""
+    """The Stop button. As a dynamic item it needs no view kept per message; presses are handled by
+    :meth:`StopCog.on_interaction`, which finds the answer by the message the button sits on, even when
+    that message was finished a moment before (a long answer moved on to its next message)."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -45,9 +47,7 @@ class StopButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], tem
         return cls()
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        cog = interaction.client.get_cog(StopCog.__cog_name__)
-        if isinstance(cog, StopCog):
-            await cog.stop_pressed(interaction)
+        """Nothing: the press was already handled by :meth:`StopCog.on_interaction`."""
 
 
 def stop_view() -> discord.ui.View:
@@ -91,6 +91,12 @@ class StopCog(commands.Cog):
         # Acknowledge without changing the message: the answer's own closing edit shows the note.
         await interaction.response.defer()
         running.stop(StopReason.STOPPED)
+
+    @commands.Cog.listener()
+    async def on_interaction(self, interaction: discord.Interaction[Any]) -> None:
+        data: Mapping[str, Any] = interaction.data or {}
+        if interaction.type is discord.InteractionType.component and data.get("custom_id") == STOP_ID:
+            await self.stop_pressed(interaction)
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
