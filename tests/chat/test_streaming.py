@@ -199,8 +199,11 @@ async def test_the_first_text_does_not_wait_behind_a_status_update() -> None:
 
 
 async def _until(condition: Callable[[], bool]) -> None:
-    while not condition():
+    for _ in range(2000):
+        if condition():
+            return
         await asyncio.sleep(0.005)
+    raise AssertionError("condition never met")
 
 
 async def test_finish_without_start_posts_the_answer() -> None:

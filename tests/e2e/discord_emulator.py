@@ -9,14 +9,16 @@ The emulated world is one guild ("Test Guild") with two text channels and a publ
 five members: the bot, the application owner (who also owns the guild), an admin and two normal
 users. DM channels are created on demand.
 
-Tests drive the bot with :meth:`DiscordEmulator.user_message`, :meth:`DiscordEmulator.slash_command`
-and :meth:`DiscordEmulator.component_interaction`, then inspect what the bot did through
+Tests drive the bot with :meth:`DiscordEmulator.user_message`, :meth:`DiscordEmulator.slash_command`,
+:meth:`DiscordEmulator.component_interaction` and :meth:`DiscordEmulator.delete_message` (or
+:meth:`DiscordEmulator.bulk_delete`), then inspect what the bot did through
 :attr:`DiscordEmulator.messages`, :attr:`DiscordEmulator.requests` and
 :meth:`DiscordEmulator.interaction_responses`, waiting with :meth:`DiscordEmulator.wait_for` and
 friends. Like Discord, the emulator rejects message content over 2000 characters, embed
 descriptions over 4096 characters, empty messages and late (over 3 s) or repeated interaction
-callbacks; it strips the content of guild messages that do not mention the bot when the bot did not
-ask for the Message Content intent, and it can rate-limit message edits with real 429 responses.
+callbacks; it lets people delete only the messages Discord lets them delete; it strips the content
+of guild messages that do not mention the bot when the bot did not ask for the Message Content
+intent, and it can rate-limit message edits with real 429 responses.
 """
 
 from __future__ import annotations

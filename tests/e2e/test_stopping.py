@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -49,7 +50,7 @@ async def bot(
     emulator: DiscordEmulator, tiny_llava: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[BotProcess]:
     """The real bot, answering with the tiny model through the default engine, shared by the module."""
-    config = {
+    config: dict[str, dict[str, Any]] = {
         "model": {"engine": "genai-batching", "max_new_tokens": LONG_ANSWER},
         "discord": {"admin_ids": [emulator.admin.id]},
     }
@@ -202,9 +203,12 @@ async def test_an_ask_command_response_has_the_stop_button_too(emulator: Discord
         user=emulator.other_user,
         attachments={"image": ("a.png", png(4), "image/png")},
     )
-    reply = await emulator.wait_for(
-        lambda: (m := emulator.interaction_responses(ask).messages) and live(emulator, m[0]) and m[0], 120
-    )
+
+    def first_streaming() -> MessageRecord | None:
+        messages = emulator.interaction_responses(ask).messages
+        return messages[0] if messages and live(emulator, messages[0]) else None
+
+    reply = await emulator.wait_for(first_streaming, 120)
     await stop_with_button(emulator, reply, emulator.other_user)
     assert all(MARKER not in m.content for m in emulator.interaction_responses(ask).messages)
 
