@@ -68,7 +68,8 @@ class ReplyStreamer(Generic[H]):
     out at once, so the first words appear at the first token; the interval applies from then on.
 
     A message the sink reports as gone (:class:`MessageGone`, or :meth:`message_gone`) is never written
-    to again, nor is any new message posted after it; ``on_gone`` is called once when that first happens.
+    to again, and when it was the last one no new message follows it; ``on_gone`` is called once when
+    the first message goes.
     """
 
     def __init__(
@@ -173,7 +174,7 @@ class ReplyStreamer(Generic[H]):
     async def stop(self, note: str) -> bool:
         """End the reply early: the text so far followed by ``note``, or only the note if there is no text.
 
-        Messages that were deleted stay untouched, and no new message is posted after a deleted one.
+        Messages that were deleted stay untouched, and no new message follows a deleted last one.
         """
         answer = self.text
         final = answer + note if answer.strip() or self._parts else note.strip()
@@ -233,8 +234,8 @@ class ReplyStreamer(Generic[H]):
             )
             if index is None:
                 return not self._gone
-            if self._gone and index >= len(self.messages):
-                # The reply was deleted: continuing it in a new message would resurrect it.
+            if index >= len(self.messages) and len(self.messages) - 1 in self._gone:
+                # The message being written was deleted: continuing in a new one would resurrect it.
                 return False
             if not final and self._closing.is_set():
                 return False

@@ -173,29 +173,31 @@ async def test_edits_coalesce_many_pieces() -> None:
 
 async def test_the_first_text_does_not_wait_for_the_interval() -> None:
     sink = FakeSink()
-    streamer = make(sink, edit_interval=30.0)
+    streamer = make(sink, edit_interval=1.0)
     await streamer.start("Thinking…")
     streamer.feed("The first")
-    # With a 30 s interval, only the first-text rule can make this edit appear now.
-    await asyncio.wait_for(_until(lambda: len(sink.calls) == 2), 5)
+    await _until(lambda: len(sink.calls) == 2)
     assert sink.contents == ["The first" + MARKER]
+    # Throttling would have held this edit back until a whole interval after the placeholder.
+    assert sink.calls[1].at - sink.calls[0].at < 1.0
     streamer.feed(" words.")
-    await asyncio.sleep(0.2)
-    assert len(sink.calls) == 2, "from the second edit on the interval applies"
-    await streamer.stop("")
+    assert await streamer.finish()
+    assert sink.contents == ["The first words."]
+    assert sink.calls[2].at - sink.calls[1].at >= 1.0 - CLOCK_SLACK, "from the second edit on the interval applies"
 
 
 async def test_the_first_text_does_not_wait_behind_a_status_update() -> None:
     sink = FakeSink()
-    streamer = make(sink, edit_interval=30.0)
+    streamer = make(sink, edit_interval=1.0)
     await streamer.start("⏳ Waiting in line: position 2.")
     await streamer.status("⏳ Waiting in line: position 1.")
     await asyncio.sleep(0.05)
     streamer.feed("Now")
-    await asyncio.wait_for(_until(lambda: sink.contents == ["Now" + MARKER]), 5)
+    await _until(lambda: sink.contents == ["Now" + MARKER])
     # The status never showed: it was still waiting out the interval when the text came.
     assert [call.content for call in sink.calls] == ["⏳ Waiting in line: position 2.", "Now" + MARKER]
-    await streamer.stop("")
+    assert sink.calls[1].at - sink.calls[0].at < 1.0
+    assert await streamer.finish()
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -373,6 +375,7 @@ async def test_a_message_reported_gone_is_left_alone_and_the_others_are_closed()
     streamer = make(sink, edit_interval=0.01)
     await streamer.start("Thinking…")
     await stream(streamer, words(60), piece=9, pause=0.003)
+    await asyncio.sleep(0.05)
     assert len(sink.contents) >= 2
     first = sink.contents[0]
     streamer.message_gone(0)
