@@ -29,7 +29,7 @@ from bot.store.replies import ReplyStore
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.chat", "bot.cogs.admin", "bot.cogs.privacy", "bot.cogs.recovery")
+EXTENSIONS = ("bot.cogs.chat", "bot.cogs.admin", "bot.cogs.privacy", "bot.cogs.recovery", "bot.cogs.stopping")
 COMMAND_FAILED = "Something went wrong with that command; the details were logged."
 
 

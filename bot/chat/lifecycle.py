@@ -46,17 +46,17 @@ class TrackedSink(Generic[M]):
         self._reply_id: int | None = None
         self._closed = False
 
-    async def send(self, content: str) -> M:
+    async def send(self, content: str, *, live: bool) -> M:
         """Post a message of the reply and record it before the reply goes on."""
-        message = await self._sink.send(content)
+        message = await self._sink.send(content, live=live)
         self._message_ids.append(int(message.id))
         if not self._closed:
             await self._record()
         return message
 
-    async def edit(self, handle: M, content: str) -> None:
+    async def edit(self, handle: M, content: str, *, live: bool) -> None:
         """Show a message's latest text."""
-        await self._sink.edit(handle, content)
+        await self._sink.edit(handle, content, live=live)
 
     async def close(self) -> None:
         """The reply has ended, however it ended: take it off the record."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ from PIL import Image
 from bot.chat.images import PreparedImage, decode_stored
 from bot.chat.prompt import BuiltPrompt, HistoryTurn, build_prompt
 from bot.chat.scheduler import AlreadyAsking, QueueFull, Scheduler
+from bot.chat.stopping import RunningAnswer, RunningAnswers, Stopped, StopReason
 from bot.chat.streaming import ReplyStreamer
 from bot.engine.base import EngineError, GenerationSettings
 from bot.engine.manager import ModelManager
-from bot.store.history import HistoryStore, StoredImage
+from bot.store.history import HistoryStore, StoredImage, StoredTurn
 from bot.store.privacy import Removed
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,9 @@ DROPPED_NOTE = "\n-# Only the last {kept} messages of this channel's conversatio
 UNEXPECTED = "Something went wrong on my side while answering; the details were logged."
 STOPPED = "I was stopped before I could finish."
 DEFAULT_QUESTION = "Describe this image."
+
+# Which question each recent answer answered, so that deleting a question also forgets its answer.
+REMEMBERED_ANSWERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,9 @@ class _ImageCache:
             self._items.move_to_end(sha256)
         return image
 
+    def discard(self, sha256: str) -> None:
+        self._items.pop(sha256, None)
+
     def put(self, sha256: str, image: Image.Image) -> None:
         self._items[sha256] = image
         self._items.move_to_end(sha256)
@@ -101,17 +109,42 @@ class ChatService:
         self._forgets: collections.Counter[int] = collections.Counter()
         # How a reply cut short by cancellation ends; a shutdown puts its own sentence here.
         self.interrupted_sentence = STOPPED
+        self.running = RunningAnswers()
+        # Question message id -> the stored answer turn's id.
+        self._answer_turns: OrderedDict[int, int] = OrderedDict()
 
     async def answer(self, question: Question, streamer: ReplyStreamer[Any]) -> Answer:
-        """Queue the question, stream the answer into ``streamer`` and store both turns."""
+        """Queue the question, stream the answer into ``streamer`` and store both turns.
+
+        While it runs the answer is listed in :attr:`running`, where a Stop button
+        (``running.find(message_id).stop(...)``) or a deleted message (:meth:`message_deleted`) can end it early.
+        """
+        running = self.running.begin(question, streamer)
+
+        def reply_gone() -> None:
+            # An edit found the reply deleted before (or without) the delete event.
+            running.stop(StopReason.REPLY_DELETED)
+
+        streamer.on_gone = reply_gone
+        try:
+            return await self._answer(question, streamer, running)
+        finally:
+            self.running.end(running)
+
+    async def _answer(self, question: Question, streamer: ReplyStreamer[Any], running: RunningAnswer) -> Answer:
         await streamer.start(THINKING)
 
         async def show_position(position: int) -> None:
             await streamer.status(WAITING.format(position=position))
 
         try:
-            async with self.scheduler.slot(question.author_id, on_position=show_position):
-                return await self._generate(question, streamer)
+            async with contextlib.AsyncExitStack() as stack:
+                with running.interruptible():
+                    await stack.enter_async_context(self.scheduler.slot(question.author_id, on_position=show_position))
+                return await self._generate(question, streamer, running)
+        except Stopped as stopped:
+            # Out of the slot first: the next question need not wait for the closing edit.
+            return await self._stopped(question, streamer, running, stopped.turn_id, stopped.resets)
         except (QueueFull, AlreadyAsking, EngineError) as error:
             log.info("Question in channel %s from %s not answered: %s", question.channel_id, question.author_id, error)
             await streamer.fail(str(error))
@@ -123,7 +156,7 @@ class ChatService:
             await streamer.fail(UNEXPECTED)
         return Answer(streamer.text, self._ids(streamer), completed=False)
 
-    async def _generate(self, question: Question, streamer: ReplyStreamer[Any]) -> Answer:
+    async def _generate(self, question: Question, streamer: ReplyStreamer[Any], running: RunningAnswer) -> Answer:
         resets = self._resets[question.channel_id]
         forgets = self._forgets[question.author_id]
         prompt = await self._prompt(question)
@@ -131,8 +164,9 @@ class ChatService:
         if question.image is not None:
             prepared = question.image
             image = StoredImage(prepared.data, prepared.mime, prepared.width, prepared.height)
+        running.check()
         # The question is stored before generating so that a crash mid-answer keeps the image for follow-ups.
-        await self.store.add_user_turn(
+        turn_id = await self.store.add_user_turn(
             question.channel_id,
             question.text,
             author_id=question.author_id,
@@ -142,8 +176,12 @@ class ChatService:
         )
         stream = self.models.generate(prompt.conversation, self.settings)
         try:
-            async for piece in stream:
-                streamer.feed(piece)
+            with running.interruptible():
+                async for piece in stream:
+                    streamer.feed(piece)
+        except Stopped as stopped:
+            stopped.turn_id, stopped.resets = turn_id, resets
+            raise
         finally:
             stream.cancel()
         kept = len(prompt.conversation)
@@ -152,7 +190,8 @@ class ChatService:
         ids = self._ids(streamer)
         if self._resets[question.channel_id] == resets and self._forgets[question.author_id] == forgets:
             try:
-                await self.store.add_assistant_turn(question.channel_id, streamer.text, message_ids=ids)
+                answer_id = await self.store.add_assistant_turn(question.channel_id, streamer.text, message_ids=ids)
+                self._remember_answer(question, answer_id)
             except Exception:
                 # The person already has the whole answer; only the channel's memory of it is lost.
                 log.exception("Storing the answer in channel %s failed", question.channel_id)
@@ -169,6 +208,90 @@ class ChatService:
             stats.decode_tokens_per_second or 0.0,
         )
         return Answer(streamer.text, ids, completed)
+
+    async def _stopped(
+        self,
+        question: Question,
+        streamer: ReplyStreamer[Any],
+        running: RunningAnswer,
+        turn_id: int | None,
+        resets: int = 0,
+    ) -> Answer:
+        """End a stopped answer: close the reply with a note and keep only what the reason allows.
+
+        Stopped by the asker, the question and the text written so far stay in the conversation (a
+        follow-up may refer to them); stopped before any text, the question is forgotten like one never
+        answered. A deleted reply or question takes the whole exchange out of the conversation.
+        """
+        reason = running.reason or StopReason.STOPPED
+        await streamer.stop(reason.note)
+        ids = self._ids(streamer)
+        keep = reason is StopReason.STOPPED and bool(streamer.text.strip())
+        try:
+            if turn_id is not None and not keep:
+                await self._delete_turns([turn_id])
+            elif turn_id is not None and self._resets[question.channel_id] == resets:
+                answer_id = await self.store.add_assistant_turn(question.channel_id, streamer.text, message_ids=ids)
+                self._remember_answer(question, answer_id)
+        except Exception:
+            log.exception("Updating the conversation of channel %s after a stop failed", question.channel_id)
+        return Answer(streamer.text, ids, completed=False)
+
+    async def message_deleted(self, message_id: int) -> None:
+        """React to a deleted Discord message: stop the answer it belongs to, forget a deleted question.
+
+        A deleted question takes its stored turn with it (and its image, when no other turn uses it),
+        together with the bot's answer to it, even when it was answered long ago. A deleted reply stops
+        its answer; a reply deleted after its answer ended changes nothing.
+        """
+        running = self.running.find(message_id)
+        if running is not None and not running.is_question(message_id):
+            running.stop(StopReason.REPLY_DELETED, deleted_message_id=message_id)
+            return
+        if running is not None:
+            running.stop(StopReason.QUESTION_DELETED)
+            # Whatever the answer stores on its way out must be forgotten too.
+            await running.ended.wait()
+        await self.forget_question(message_id)
+
+    async def forget_question(self, message_id: int) -> int:
+        """Delete the stored question asked by ``message_id`` and the answer to it; returns turns removed."""
+        turn = await self.store.find_turn_by_message(message_id)
+        if turn is None or turn.role != "user":
+            return 0
+        doomed = [turn.id]
+        answer_id = self._answer_turns.pop(message_id, None)
+        if answer_id is None:
+            answer_id = await self._answer_by_position(turn)
+        if answer_id is not None:
+            doomed.append(answer_id)
+        removed = await self._delete_turns(doomed)
+        log.info("Question %s was deleted: %d turns forgotten", message_id, removed)
+        return removed
+
+    async def _answer_by_position(self, turn: StoredTurn) -> int | None:
+        """For answers from before a restart: the turn right after the question, if it is unambiguous.
+
+        When the turn before is another question, two answers were being written at once in the
+        channel and the order alone can't tell which answer is this question's; then none is removed.
+        """
+        before, after = await self.store.adjacent_turns(turn.id)
+        if after is None or after.role != "assistant" or (before is not None and before.role == "user"):
+            return None
+        return after.id
+
+    async def _delete_turns(self, turn_ids: list[int]) -> int:
+        removed, images = await self.store.delete_turns(turn_ids)
+        for sha256 in images:
+            self._images.discard(sha256)
+        return removed
+
+    def _remember_answer(self, question: Question, answer_id: int) -> None:
+        if question.message_id is None:
+            return
+        self._answer_turns[question.message_id] = answer_id
+        while len(self._answer_turns) > REMEMBERED_ANSWERS:
+            self._answer_turns.popitem(last=False)
 
     async def _prompt(self, question: Question) -> BuiltPrompt:
         stored = await self.store.turns(question.channel_id, limit=self.history_turns)

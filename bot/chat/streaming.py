@@ -9,10 +9,10 @@ message that has been finalised is never touched again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import unicodedata
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,26 @@ _NON_SPACE = re.compile(r"\S")
 _ZWJ = "\u200d"
 
 
-class MessageSink(Protocol[H]):
-    """Where the streamer's messages go. Both calls may raise; the streamer retries what matters."""
+class MessageGone(Exception):
+    """Raised by a sink when the message to edit no longer exists (someone deleted it).
 
-    async def send(self, content: str) -> H:
+    Unlike other failures it is not retried: the streamer never writes to that message again.
+    """
+
+
+class MessageSink(Protocol[H]):
+    """Where the streamer's messages go. Both calls may raise; the streamer retries what matters.
+
+    ``live`` is true while the message will still change (a placeholder, or text still growing) and
+    false for its last write, so a sink can show controls (a Stop button) only while they are useful.
+    """
+
+    async def send(self, content: str, *, live: bool) -> H:
         """Post a new message with ``content`` and return a handle for editing it."""
         ...
 
-    async def edit(self, handle: H, content: str) -> None:
-        """Replace the content of a message created by :meth:`send`."""
+    async def edit(self, handle: H, content: str, *, live: bool) -> None:
+        """Replace the content of a message created by :meth:`send`; may raise :class:`MessageGone`."""
         ...
 
 
@@ -53,7 +64,12 @@ class ReplyStreamer(Generic[H]):
     Typical use: ``await start("⏳ Queued…")``, ``await status(...)`` while waiting, ``feed(piece)`` for
     every piece of text, then ``await finish()`` (or ``await fail(sentence)``). A background task makes
     at most one call per ``edit_interval`` seconds for each message, showing the text so far followed
-    by ``marker``; finishing removes the marker everywhere.
+    by ``marker``; finishing removes the marker everywhere. The first edit that shows answer text goes
+    out at once, so the first words appear at the first token; the interval applies from then on.
+
+    A message the sink reports as gone (:class:`MessageGone`, or :meth:`message_gone`) is never written
+    to again, and when it was the last one no new message follows it; ``on_gone`` is called once when
+    the first message goes.
     """
 
     def __init__(
@@ -91,8 +107,19 @@ class ReplyStreamer(Generic[H]):
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        # Whether answer text has been shown yet: that first edit is not held back by the interval.
+        self._text_shown = False
+        self._has_text = asyncio.Event()
+        # Indices of messages that were deleted under us.
+        self._gone: set[int] = set()
+        self.on_gone: Callable[[], None] | None = None
 
     # --- public ---------------------------------------------------------------------------------
+    @property
+    def gone(self) -> bool:
+        """Whether a message of this reply was deleted."""
+        return bool(self._gone)
+
     @property
     def text(self) -> str:
         """The answer received so far (without any suffix or error line)."""
@@ -109,7 +136,7 @@ class ReplyStreamer(Generic[H]):
             raise RuntimeError("the reply has already started")
         content = self._clip(initial_text)
         self._touched[0] = self._now()
-        self.messages.append(await self._sink.send(content))
+        self.messages.append(await self._sink.send(content, live=True))
         self._shown.append(content)
         self._placeholder = content
         self._ensure_writer()
@@ -130,6 +157,7 @@ class ReplyStreamer(Generic[H]):
             raise RuntimeError("the reply has already finished")
         if piece:
             self._pieces.append(piece)
+            self._has_text.set()
             self._poke()
 
     async def finish(self, final_suffix: str = "") -> bool:
@@ -142,6 +170,20 @@ class ReplyStreamer(Generic[H]):
         if not self._parts and not answer.strip():
             answer = EMPTY_ANSWER
         return await self._close(answer + final_suffix)
+
+    async def stop(self, note: str) -> bool:
+        """End the reply early: the text so far followed by ``note``, or only the note if there is no text.
+
+        Messages that were deleted stay untouched, and no new message follows a deleted last one.
+        """
+        answer = self.text
+        final = answer + note if answer.strip() or self._parts else note.strip()
+        return await self._close(final or BLANK_STATUS)
+
+    def message_gone(self, index: int) -> None:
+        """Note that ``messages[index]`` was deleted, so that nothing is written to it again."""
+        if 0 <= index < len(self.messages):
+            self._mark_gone(index)
 
     async def fail(self, sentence: str) -> bool:
         """End the reply with the text so far and an error line, or only ``sentence`` if there is none."""
@@ -187,27 +229,39 @@ class ReplyStreamer(Generic[H]):
         failures = 0
         while True:
             wanted = self._layout(final=final)
-            index = next((i for i, content in enumerate(wanted) if self._showing(i) != content), None)
+            index = next(
+                (i for i, content in enumerate(wanted) if i not in self._gone and self._showing(i) != content), None
+            )
             if index is None:
-                return True
+                return not self._gone
+            if index >= len(self.messages) and len(self.messages) - 1 in self._gone:
+                # The message being written was deleted: continuing in a new one would resurrect it.
+                return False
             if not final and self._closing.is_set():
                 return False
+            first_text = not self._text_shown and bool(self.text)
             delay = self._touched.get(index, float("-inf")) + self._interval - self._now()
-            if delay > 0:
+            if delay > 0 and not first_text:
                 if final:
                     await asyncio.sleep(delay)
                 elif await self._closing_within(delay):
                     return False
                 continue  # more text may have arrived meanwhile
             content = wanted[index]
+            # A message is live until its last write: the final layout, or a part already split off.
+            live = not final and index >= len(self._parts)
             self._touched[index] = self._now()
+            self._text_shown = self._text_shown or first_text
             try:
                 if index < len(self.messages):
-                    await self._sink.edit(self.messages[index], content)
+                    await self._sink.edit(self.messages[index], content, live=live)
                     self._shown[index] = content
                 else:
-                    self.messages.append(await self._sink.send(content))
+                    self.messages.append(await self._sink.send(content, live=live))
                     self._shown.append(content)
+            except MessageGone:
+                log.info("reply message %d was deleted; no more edits to it", index + 1)
+                self._mark_gone(index)
             except Exception:
                 failures += 1
                 if not final:
@@ -222,10 +276,26 @@ class ReplyStreamer(Generic[H]):
             else:
                 failures = 0
 
+    def _mark_gone(self, index: int) -> None:
+        first = not self._gone
+        self._gone.add(index)
+        if first and self.on_gone is not None:
+            try:
+                self.on_gone()
+            except Exception:
+                log.exception("on_gone callback failed")
+
     async def _closing_within(self, delay: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await self._closing.wait()
+        """Wait ``delay`` seconds, less if the reply closes or its first text arrives; returns whether closing."""
+        waits = [asyncio.ensure_future(self._closing.wait())]
+        if not self._text_shown:
+            # A status update may be waiting out the interval; the first words must not wait behind it.
+            waits.append(asyncio.ensure_future(self._has_text.wait()))
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
         return self._closing.is_set()
 
     # --- layout ----------------------------------------------------------------------------------

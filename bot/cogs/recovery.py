@@ -80,10 +80,12 @@ class _Target:
             return None
 
     async def edit(self, message_id: int, content: str) -> None:
+        # view=None: a Stop button left on a reply a crash interrupted has nothing left to stop.
         if self.webhook is not None:
-            await self.webhook.edit_message(message_id, content=content, allowed_mentions=NO_PINGS)
+            await self.webhook.edit_message(message_id, content=content, allowed_mentions=NO_PINGS, view=None)
         else:
-            await self.channel.get_partial_message(message_id).edit(content=content, allowed_mentions=NO_PINGS)
+            message = self.channel.get_partial_message(message_id)
+            await message.edit(content=content, allowed_mentions=NO_PINGS, view=None)
 
     async def add_line(self, message_id: int, line: str) -> None:
         """A sentence that no longer fits into the message goes below it, as a reply to it."""

@@ -220,6 +220,50 @@ class HistoryStore:
         """Delete turns and images stored before ``cutoff`` (see :func:`bot.store.privacy.delete_older_than`)."""
         return await privacy.delete_older_than(self._sessions, cutoff)
 
+    async def delete_turns(self, turn_ids: Sequence[int]) -> tuple[int, list[str]]:
+        """Delete these turns and their message links; images no other turn uses go with them.
+
+        Returns how many turns were removed and the SHA-256 of every image deleted. Ids of turns that
+        no longer exist are ignored.
+        """
+        ids = list(dict.fromkeys(int(turn_id) for turn_id in turn_ids))
+        if not ids:
+            return 0, []
+        async with self._sessions() as session, session.begin():
+            # Written first, so the image query below already runs under the write lock.
+            await session.execute(
+                delete(TurnMessage).where(TurnMessage.turn_id.in_(ids)).execution_options(synchronize_session=False)
+            )
+            images = set(
+                await session.scalars(
+                    select(Turn.image_sha256).where(Turn.id.in_(ids), Turn.image_sha256.is_not(None)).distinct()
+                )
+            )
+            removed = _rowcount(
+                await session.execute(delete(Turn).where(Turn.id.in_(ids)).execution_options(synchronize_session=False))
+            )
+            collected: list[str] = []
+            if images:
+                still_used = exists().where(Turn.image_sha256 == Image.sha256)
+                orphans = select(Image.sha256).where(Image.sha256.in_(images), ~still_used)
+                collected = list(await session.scalars(orphans))
+                await session.execute(
+                    delete(Image).where(Image.sha256.in_(collected)).execution_options(synchronize_session=False)
+                )
+        log.info("Deleted %d turns and %d images", removed, len(collected))
+        return removed, collected
+
+    async def adjacent_turns(self, turn_id: int) -> tuple[StoredTurn | None, StoredTurn | None]:
+        """The turns just before and just after ``turn_id`` in its channel (``None`` where there is none)."""
+        async with self._sessions() as session:
+            turn = await session.get(Turn, turn_id)
+            if turn is None:
+                return None, None
+            same_channel = select(Turn).where(Turn.channel_id == turn.channel_id)
+            before = await session.scalar(same_channel.where(Turn.id < turn_id).order_by(Turn.id.desc()).limit(1))
+            after = await session.scalar(same_channel.where(Turn.id > turn_id).order_by(Turn.id).limit(1))
+        return (_stored(before) if before else None), (_stored(after) if after else None)
+
     async def put_image(self, data: bytes, mime: str, width: int, height: int) -> str:
         """Store normalised image bytes unless already present, and return their SHA-256 (hex)."""
         image = StoredImage(data=data, mime=mime, width=width, height=height)

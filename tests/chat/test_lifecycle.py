@@ -28,11 +28,11 @@ class Channel:
     def __init__(self) -> None:
         self.messages: list[Message] = []
 
-    async def send(self, content: str) -> Message:
+    async def send(self, content: str, *, live: bool) -> Message:
         self.messages.append(Message(100 + len(self.messages), content))
         return self.messages[-1]
 
-    async def edit(self, handle: Message, content: str) -> None:
+    async def edit(self, handle: Message, content: str, *, live: bool) -> None:
         handle.content = content
 
 

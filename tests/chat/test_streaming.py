@@ -26,6 +26,7 @@ class Call:
     content: str
     at: float
     ok: bool
+    live: bool = False
 
 
 class FakeSink:
@@ -36,33 +37,51 @@ class FakeSink:
         self.fail = fail or (lambda call: False)
         self.contents: list[str] = []
         self.calls: list[Call] = []
+        self.deleted: set[int] = set()
+        # Whether each message shows controls meant only while it changes (the Stop button).
+        self.live: list[bool] = []
 
-    def _record(self, kind: str, message: int, content: str) -> None:
+    def _record(self, kind: str, message: int, content: str, live: bool) -> None:
         assert len(content) <= self.limit, f"{len(content)} characters sent"
         assert content.strip(), "blank message sent"
-        call = Call(kind, message, content, asyncio.get_running_loop().time(), ok=True)
-        call.ok = not self.fail(call)
+        call = Call(kind, message, content, asyncio.get_running_loop().time(), ok=True, live=live)
+        call.ok = not self.fail(call) and message not in self.deleted
         self.calls.append(call)
+        if message in self.deleted:
+            raise streaming.MessageGone("Unknown Message")
         if not call.ok:
             raise ConnectionError("simulated failure")
 
-    async def send(self, content: str) -> int:
-        self._record("send", len(self.contents), content)
+    async def send(self, content: str, *, live: bool) -> int:
+        self._record("send", len(self.contents), content, live)
         self.contents.append(content)
+        self.live.append(live)
         return len(self.contents) - 1
 
-    async def edit(self, handle: int, content: str) -> None:
-        self._record("edit", handle, content)
+    async def edit(self, handle: int, content: str, *, live: bool) -> None:
+        self._record("edit", handle, content, live)
         self.contents[handle] = content
+        self.live[handle] = live
 
     def assert_throttled(self, interval: float = INTERVAL) -> None:
-        """No message was touched twice within ``interval`` (failed attempts count too)."""
-        by_message: dict[int, list[float]] = {}
+        """No message was touched twice within ``interval`` (failed attempts count too).
+
+        The one exception: the first text of the answer follows the placeholder at once.
+        """
+        by_message: dict[int, list[Call]] = {}
         for call in self.calls:
-            by_message.setdefault(call.message, []).append(call.at)
-        for times in by_message.values():
-            for earlier, later in itertools.pairwise(times):
-                assert later - earlier >= interval - CLOCK_SLACK
+            by_message.setdefault(call.message, []).append(call)
+        for calls in by_message.values():
+            for earlier, later in itertools.pairwise(calls):
+                if earlier is self.calls[0] and later is self.first_text():
+                    continue
+                assert later.at - earlier.at >= interval - CLOCK_SLACK
+
+    def first_text(self) -> Call | None:
+        """The first call that showed answer text (still growing, or already final) instead of a status."""
+        first = [call for call in self.calls if call.message == 0]
+        final = first[-1].content if first else None
+        return next((call for call in first[1:] if call.content.endswith(MARKER) or call.content == final), None)
 
 
 def make(sink: FakeSink, *, edit_interval: float = INTERVAL, final_attempts: int = 3) -> ReplyStreamer[int]:
@@ -145,9 +164,48 @@ async def test_edits_coalesce_many_pieces() -> None:
         streamer.feed("word ")
     await asyncio.sleep(0)
     assert await streamer.finish()
-    # 300 pieces, yet only the final edit (the first preview had to wait for the interval anyway).
-    assert [call.kind for call in sink.calls] == ["send", "edit"]
+    # 300 pieces, yet two edits: the first text at once, then the final text after the interval.
+    assert [call.kind for call in sink.calls] == ["send", "edit", "edit"]
+    assert sink.calls[1].content == "word " * 300 + MARKER
+    assert sink.calls[2].at - sink.calls[1].at >= 0.5 - CLOCK_SLACK
     assert sink.contents == ["word " * 300]
+
+
+async def test_the_first_text_does_not_wait_for_the_interval() -> None:
+    sink = FakeSink()
+    streamer = make(sink, edit_interval=1.0)
+    await streamer.start("Thinking…")
+    streamer.feed("The first")
+    await _until(lambda: len(sink.calls) == 2)
+    assert sink.contents == ["The first" + MARKER]
+    # Throttling would have held this edit back until a whole interval after the placeholder.
+    assert sink.calls[1].at - sink.calls[0].at < 1.0
+    streamer.feed(" words.")
+    assert await streamer.finish()
+    assert sink.contents == ["The first words."]
+    assert sink.calls[2].at - sink.calls[1].at >= 1.0 - CLOCK_SLACK, "from the second edit on the interval applies"
+
+
+async def test_the_first_text_does_not_wait_behind_a_status_update() -> None:
+    sink = FakeSink()
+    streamer = make(sink, edit_interval=1.0)
+    await streamer.start("⏳ Waiting in line: position 2.")
+    await streamer.status("⏳ Waiting in line: position 1.")
+    await asyncio.sleep(0.05)
+    streamer.feed("Now")
+    await _until(lambda: sink.contents == ["Now" + MARKER])
+    # The status never showed: it was still waiting out the interval when the text came.
+    assert [call.content for call in sink.calls] == ["⏳ Waiting in line: position 2.", "Now" + MARKER]
+    assert sink.calls[1].at - sink.calls[0].at < 1.0
+    assert await streamer.finish()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(2000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never met")
 
 
 async def test_finish_without_start_posts_the_answer() -> None:
@@ -254,6 +312,78 @@ async def test_final_edit_gives_up_after_a_few_attempts() -> None:
     assert not await streamer.finish()
     assert len([call for call in sink.calls if call.content == "Lost."]) == 3
     assert sink.contents == ["Thinking…"]
+
+
+# --- stopping and deleted messages ------------------------------------------------------------------
+
+
+async def test_stop_ends_the_text_with_the_note() -> None:
+    sink = FakeSink()
+    streamer = make(sink)
+    await streamer.start("Thinking…")
+    streamer.feed("A red")
+    assert await streamer.stop("\n-# Stopped.")
+    assert sink.contents == ["A red\n-# Stopped."]
+
+
+async def test_stop_before_any_text_shows_only_the_note() -> None:
+    sink = FakeSink()
+    streamer = make(sink)
+    await streamer.start("⏳ Waiting in line: position 1.")
+    assert await streamer.stop("\n-# Stopped.")
+    assert sink.contents == ["-# Stopped."]
+
+
+async def test_only_the_last_write_of_a_message_is_not_live() -> None:
+    sink = FakeSink(limit=100)
+    streamer = make(sink, edit_interval=0.01)
+    await streamer.start("Thinking…")
+    assert sink.live == [True]
+    await stream(streamer, words(60), piece=9, pause=0.003)
+    assert len(sink.contents) >= 2
+    # A part that was split off is complete: its last write already drops the live controls.
+    assert sink.live[:-1] == [False] * (len(sink.contents) - 1)
+    assert sink.live[-1]
+    assert await streamer.finish()
+    assert sink.live == [False] * len(sink.contents)
+    for index in range(len(sink.contents)):
+        writes = [call for call in sink.calls if call.message == index]
+        assert [call.live for call in writes] == [True] * (len(writes) - 1) + [False]
+
+
+async def test_a_deleted_message_is_never_written_again() -> None:
+    gone: list[bool] = []
+    sink = FakeSink()
+    streamer = make(sink, final_attempts=3)
+    streamer.on_gone = lambda: gone.append(True)
+    await streamer.start("Thinking…")
+    streamer.feed("Some")
+    await asyncio.sleep(INTERVAL * 2)
+    sink.deleted.add(0)
+    streamer.feed(" more text")
+    await asyncio.sleep(INTERVAL * 3)
+    assert gone == [True]
+    assert not await streamer.stop("\n-# Stopped.")
+    attempts = [call for call in sink.calls if call.message == 0 and not call.ok]
+    # One edit found the message gone; no retry, no final edit, no new message.
+    assert len(attempts) == 1
+    assert len(sink.contents) == 1 and streamer.gone
+
+
+async def test_a_message_reported_gone_is_left_alone_and_the_others_are_closed() -> None:
+    sink = FakeSink(limit=100)
+    streamer = make(sink, edit_interval=0.01)
+    await streamer.start("Thinking…")
+    await stream(streamer, words(60), piece=9, pause=0.003)
+    await asyncio.sleep(0.05)
+    assert len(sink.contents) >= 2
+    first = sink.contents[0]
+    streamer.message_gone(0)
+    sink.deleted.add(0)
+    assert not await streamer.stop("\n-# Stopped.")
+    assert not [call for call in sink.calls if not call.ok]
+    assert sink.contents[0] == first
+    assert sink.contents[-1].endswith("\n-# Stopped.")
 
 
 # --- long answers ---------------------------------------------------------------------------------

@@ -9,16 +9,17 @@ The emulated world is one guild ("Test Guild") with two text channels and a publ
 five members: the bot, the application owner (who also owns the guild), an admin and two normal
 users. DM channels are created on demand.
 
-Tests drive the bot with :meth:`DiscordEmulator.user_message`, :meth:`DiscordEmulator.slash_command`
-and :meth:`DiscordEmulator.component_interaction`, then inspect what the bot did through
+Tests drive the bot with :meth:`DiscordEmulator.user_message`, :meth:`DiscordEmulator.slash_command`,
+:meth:`DiscordEmulator.component_interaction` and :meth:`DiscordEmulator.delete_message` (or
+:meth:`DiscordEmulator.bulk_delete`), then inspect what the bot did through
 :attr:`DiscordEmulator.messages`, :attr:`DiscordEmulator.requests` and
 :meth:`DiscordEmulator.interaction_responses`, waiting with :meth:`DiscordEmulator.wait_for` and
 friends. Like Discord, the emulator rejects message content over 2000 characters, embed
 descriptions over 4096 characters, empty messages and late (over 3 s) or repeated interaction
-callbacks; when the bot did not ask for the Message Content intent it strips the content, attachments,
-embeds and components of other people's guild messages that do not mention the bot, wherever they
-appear (MESSAGE_CREATE, a reply's ``referenced_message``, fetched messages), and it can rate-limit
-message edits with real 429 responses.
+callbacks; it lets people delete only the messages Discord lets them delete; when the bot did not ask
+for the Message Content intent it strips the content, attachments, embeds and components of other
+people's guild messages that do not mention the bot, wherever they appear (MESSAGE_CREATE, a reply's
+``referenced_message``, fetched messages), and it can rate-limit message edits with real 429 responses.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ EVERYONE_PERMISSIONS = (
     | (1 << 35)  # create public threads
     | (1 << 38)  # send messages in threads
 )
+GUILD_MESSAGES_INTENT = 1 << 9
+DIRECT_MESSAGES_INTENT = 1 << 12
 MESSAGE_CONTENT_INTENT = 1 << 15
 
 FLAG_SUPPRESS_EMBEDS = 1 << 2
@@ -115,6 +118,15 @@ class ApiError(Exception):
 def _form_error(field_name: str, code: str, message: str) -> ApiError:
     errors = {field_name: {"_errors": [{"code": code, "message": message}]}}
     return ApiError(400, 50035, "Invalid Form Body", errors=errors)
+
+
+def _buttons(components: list[JSON]) -> list[JSON]:
+    found: list[JSON] = []
+    for component in components:
+        if component.get("type") == 2:
+            found.append(component)
+        found.extend(_buttons(component.get("components") or []))
+    return found
 
 
 def _json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -184,6 +196,8 @@ class MessageRecord:
     """``"user"`` (made by a test), ``"channel"`` (REST create), ``"interaction"`` or ``"followup"``."""
     history: list[str] = field(default_factory=list)
     """The content after creation and after each edit."""
+    component_history: list[list[JSON]] = field(default_factory=list)
+    """The components (buttons, selects) after creation and after each edit."""
     edits: int = 0
     deleted: bool = False
     interaction_id: int | None = None
@@ -202,6 +216,16 @@ class MessageRecord:
     def flags(self) -> int:
         """The current message flags."""
         return int(self.data.get("flags", 0))
+
+    @property
+    def components(self) -> list[JSON]:
+        """The current components (action rows holding buttons and selects)."""
+        return list(self.data.get("components") or [])
+
+    @property
+    def buttons(self) -> list[JSON]:
+        """Every button of the message, in order, taken out of its action rows."""
+        return _buttons(self.components)
 
     @property
     def is_loading(self) -> bool:
@@ -742,6 +766,67 @@ class DiscordEmulator:
         await self.dispatch("MESSAGE_CREATE", event)
         return data
 
+    async def delete_message(self, message: MessageRecord | JSON | int, *, by: EmulatedUser) -> None:
+        """Delete a message as ``by`` would in the Discord client, and dispatch MESSAGE_DELETE.
+
+        Like Discord, anyone may delete their own message; deleting someone else's (the bot's reply, say)
+        needs Manage Messages in the guild and is impossible in a DM. The event carries only ``id``,
+        ``channel_id`` and ``guild_id``, never the content, and goes to bots with the GUILD_MESSAGES
+        (in guilds) or DIRECT_MESSAGES (in DMs) intent.
+        """
+        record = self._record_of(message)
+        self._check_may_delete(record, by)
+        if record.deleted:
+            raise ApiError(404, 10008, "Unknown Message")
+        record.deleted = True
+        event: JSON = {"id": str(record.id), "channel_id": str(record.channel_id)}
+        if guild_id := self._guild_of(record.channel_id):
+            event["guild_id"] = str(guild_id)
+        await self._dispatch_deletion("MESSAGE_DELETE", event, guild_id)
+
+    async def bulk_delete(
+        self, channel_id: int, messages: Sequence[MessageRecord | JSON | int], *, by: EmulatedUser
+    ) -> None:
+        """Delete several messages of a guild channel at once, as a moderator (MESSAGE_DELETE_BULK)."""
+        guild_id = self._guild_of(channel_id)
+        if guild_id is None:
+            raise PermissionError("bulk deletion exists only in guild channels")
+        records = [self._record_of(m) for m in messages]
+        for record in records:
+            if record.channel_id != channel_id:
+                raise ValueError(f"message {record.id} is not in channel {channel_id}")
+            self._check_may_delete(record, by, moderator=True)
+        for record in records:
+            record.deleted = True
+        event: JSON = {
+            "ids": [str(r.id) for r in records],
+            "channel_id": str(channel_id),
+            "guild_id": str(guild_id),
+        }
+        await self._dispatch_deletion("MESSAGE_DELETE_BULK", event, guild_id)
+
+    def _record_of(self, message: MessageRecord | JSON | int) -> MessageRecord:
+        if isinstance(message, MessageRecord):
+            return message
+        return self.messages[int(message["id"]) if isinstance(message, dict) else int(message)]
+
+    def _check_may_delete(self, record: MessageRecord, by: EmulatedUser, *, moderator: bool = False) -> None:
+        if record.flags & FLAG_EPHEMERAL:
+            raise PermissionError("ephemeral messages can't be deleted by users")
+        if record.author_id == by.id and not moderator:
+            return
+        if self._guild_of(record.channel_id) is None:
+            raise PermissionError("in a DM only one's own messages can be deleted")
+        if not self.permissions_of(by) & MANAGE_MESSAGES:
+            raise PermissionError(f"{by.username} lacks Manage Messages")
+
+    async def _dispatch_deletion(self, event: str, data: JSON, guild_id: int | None) -> None:
+        needed = GUILD_MESSAGES_INTENT if guild_id else DIRECT_MESSAGES_INTENT
+        if (self.intents or 0) & needed:
+            await self.dispatch(event, data)
+        else:
+            self._notify()
+
     async def slash_command(
         self,
         name: str,
@@ -1202,6 +1287,7 @@ class DiscordEmulator:
             data,
             source,
             history=[data["content"]],
+            component_history=[list(data["components"])],
             interaction_id=interaction.id if interaction else None,
         )
         self._apply_mentions(record, body.get("allowed_mentions"), creating=True)
@@ -1232,6 +1318,7 @@ class DiscordEmulator:
         record.data = data
         record.edits += 1
         record.history.append(data["content"])
+        record.component_history.append(list(data["components"]))
         self._apply_mentions(record, body.get("allowed_mentions"), creating=False)
         if self.echo_bot_messages and not flags & FLAG_EPHEMERAL and self.connected:
             await self.dispatch("MESSAGE_UPDATE", self._gateway_message(data, self.channels[record.channel_id]))

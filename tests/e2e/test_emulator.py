@@ -30,9 +30,19 @@ class EchoBot(commands.Bot):
         intents.message_content = False
         super().__init__(command_prefix=commands.when_mentioned, intents=intents, guild_ready_timeout=0.05)
         self.seen: list[discord.Message] = []
+        self.deleted: list[tuple[int, int, int | None]] = []
+        self.bulk_deleted: list[tuple[set[int], int]] = []
         self.resumed = 0
         self.command_errors: list[app_commands.AppCommandError] = []
         self._add_commands()
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        """Record deletions (message id, channel id, guild id)."""
+        self.deleted.append((payload.message_id, payload.channel_id, payload.guild_id))
+
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        """Record bulk deletions."""
+        self.bulk_deleted.append((payload.message_ids, payload.channel_id))
 
     async def on_resumed(self) -> None:
         """Count gateway resumes."""
@@ -287,6 +297,64 @@ async def test_button_click_updates_the_message(emulator: DiscordEmulator, bot: 
     await emulator.wait_for(lambda: emulator.messages[message.id].content == "stopped")
     assert emulator.interaction_responses(click).callback_type == 7
     assert emulator.messages[message.id].data["components"] == []
+
+
+async def test_components_are_shown_by_create_and_edit(emulator: DiscordEmulator, bot: EchoBot) -> None:
+    view = discord.ui.View(timeout=None)
+    view.add_item(discord.ui.Button(label="Stop", custom_id="stop"))
+    channel = bot.get_channel(emulator.channel_id)
+    assert isinstance(channel, discord.TextChannel)
+    message = await channel.send("writing…", view=view, allowed_mentions=SILENT)
+    await message.edit(content="still writing…", allowed_mentions=SILENT)
+    await message.edit(content="done", view=None, allowed_mentions=SILENT)
+    record = emulator.messages[message.id]
+    # An edit without components keeps them, as on Discord; view=None removes them.
+    assert [[b["label"] for b in _buttons(c)] for c in record.component_history] == [["Stop"], ["Stop"], []]
+    assert record.buttons == []
+
+
+def _buttons(components: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [b for row in components for b in row["components"]]  # type: ignore[attr-defined]
+
+
+async def test_people_delete_messages_as_on_discord(emulator: DiscordEmulator, bot: EchoBot) -> None:
+    asked = await emulator.user_message(emulator.channel_id, emulator.user, "hello")
+    reply = await emulator.wait_for_message(lambda m: m.content == "echo: hello []")
+    # A member can't delete the bot's reply; a moderator (here the admin) can.
+    with pytest.raises(PermissionError):
+        await emulator.delete_message(reply, by=emulator.user)
+    await emulator.delete_message(reply, by=emulator.admin)
+    await emulator.delete_message(asked, by=emulator.user)
+    await emulator.wait_for(lambda: len(bot.deleted) == 2)
+    assert bot.deleted == [
+        (reply.id, emulator.channel_id, emulator.guild_id),
+        (int(asked["id"]), emulator.channel_id, emulator.guild_id),
+    ]
+    assert emulator.messages[reply.id].deleted
+    # Editing a deleted message is an "Unknown Message" 404.
+    channel = bot.get_channel(emulator.channel_id)
+    assert isinstance(channel, discord.TextChannel)
+    with pytest.raises(discord.NotFound) as gone:
+        await channel.get_partial_message(reply.id).edit(content="late", allowed_mentions=SILENT)
+    assert gone.value.code == 10008
+
+
+async def test_deletions_in_dms_and_in_bulk(emulator: DiscordEmulator, bot: EchoBot) -> None:
+    dm = emulator.dm_channel(emulator.user)
+    asked = await emulator.user_message(dm, emulator.user, "hi", mention_bot=False)
+    reply = await emulator.wait_for_message(lambda m: m.content == "echo: hi []", channel_id=dm)
+    with pytest.raises(PermissionError):
+        await emulator.delete_message(reply, by=emulator.user)
+    await emulator.delete_message(asked, by=emulator.user)
+    await emulator.wait_for(lambda: bot.deleted)
+    assert bot.deleted == [(int(asked["id"]), dm, None)]
+    first = await emulator.user_message(emulator.channel_id, emulator.user, "one")
+    second = await emulator.user_message(emulator.channel_id, emulator.other_user, "two")
+    with pytest.raises(PermissionError):
+        await emulator.bulk_delete(emulator.channel_id, [first, second], by=emulator.user)
+    await emulator.bulk_delete(emulator.channel_id, [first, second], by=emulator.admin)
+    await emulator.wait_for(lambda: bot.bulk_deleted)
+    assert bot.bulk_deleted == [({int(first["id"]), int(second["id"])}, emulator.channel_id)]
 
 
 async def test_point_discord_at_restores_the_defaults() -> None:

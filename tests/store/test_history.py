@@ -104,6 +104,41 @@ async def test_reset_deletes_images_once_no_channel_uses_them(store: HistoryStor
     assert await count_rows(engine, "images") == 0
 
 
+async def test_deleting_turns_takes_their_links_and_unused_images(store: HistoryStore, engine: AsyncEngine) -> None:
+    shared, own = image(b"shared"), image(b"own")
+    question = await store.add_user_turn(1, "look", author_id=42, author_name="ada", image=own, message_ids=[10])
+    answer = await store.add_assistant_turn(1, "a cat", message_ids=[11])
+    kept = await store.add_user_turn(1, "this too", author_id=42, author_name="ada", image=shared, message_ids=[12])
+    await store.add_user_turn(2, "same picture", author_id=7, author_name="bo", image=shared, message_ids=[20])
+
+    assert await store.delete_turns([question, answer, question, 999]) == (2, [own.sha256])
+
+    assert [turn.id for turn in await store.turns(1)] == [kept]
+    assert await store.find_turn_by_message(10) is None and await store.find_turn_by_message(11) is None
+    assert await store.image_bytes(own.sha256) is None
+    # Still used in another channel: the shared picture stays.
+    assert await store.delete_turns([kept]) == (1, [])
+    assert await store.image_bytes(shared.sha256) == shared.data
+    assert await store.delete_turns([]) == (0, [])
+    assert await count_rows(engine, "turn_messages") == 1
+
+
+async def test_adjacent_turns_stay_within_the_channel(store: HistoryStore) -> None:
+    first = await ask(store, 1, "one")
+    await ask(store, 2, "elsewhere")
+    second = await store.add_assistant_turn(1, "two")
+    third = await ask(store, 1, "three")
+
+    async def ids(turn_id: int) -> tuple[int | None, int | None]:
+        before, after = await store.adjacent_turns(turn_id)
+        return (before.id if before else None), (after.id if after else None)
+
+    assert await ids(second) == (first, third)
+    assert await ids(first) == (None, second)
+    assert await ids(third) == (second, None)
+    assert await ids(12345) == (None, None)
+
+
 async def test_turn_ids_are_never_reused_after_a_reset(store: HistoryStore) -> None:
     first = await ask(store, 1, "hello")
     await store.reset(1)
