@@ -178,7 +178,10 @@ class ChatTemplate:
     def count_tokens(self, conversation: Sequence[Turn]) -> int:
         """Prompt length in tokens, each image counted as the tokens it expands to."""
         text, images = self.render(conversation)
-        return int(self.token_ids(self.expand(text, images)).shape[-1])
+        # Image tokens are special tokens, split off before the rest is tokenized: expanding one into N adds
+        # exactly N - 1 ids. (Counting this way also works when someone typed the image token as text.)
+        extra = sum(self.image_tokens(image) - 1 for image in images)
+        return int(self._encode(text).shape[-1]) + extra
 
     def pixel_values(self, image: Image.Image) -> np.ndarray:
         """The model's float32 pixel values of one image (see :func:`preprocess.pixel_values`)."""
