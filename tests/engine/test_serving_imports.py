@@ -59,3 +59,47 @@ def test_the_optimum_engine_still_loads_the_reference_stack(tiny_llava: tuple[Pa
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert {"torch", "transformers"} <= set(heavy_imports(result.stderr))
+
+
+def without_conversion_packages(*args: str) -> subprocess.CompletedProcess[str]:
+    """``llava-bot ARGS`` in an interpreter where the conversion packages cannot be imported, as in a
+    serving-only install (a ``None`` entry in ``sys.modules`` is how Python marks a module as absent)."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'optimum', 'optimum.intel', 'nncf'):\n"
+        "    sys.modules[name] = None\n"
+        "from bot.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def test_convert_without_the_conversion_packages_says_how_to_install_them(
+    tiny_llava: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = without_conversion_packages("convert", str(tiny_llava[0]), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "pip install 'llava-bot[convert]'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_optimum_engine_without_the_conversion_packages_says_how_to_install_them(
+    tiny_llava: tuple[Path, Path],
+) -> None:
+    result = without_conversion_packages(
+        "chat", "--model", str(tiny_llava[1] / "INT4"), "--engine", "optimum", "--max-new-tokens", "2", "Hello"
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "optimum engine" in result.stderr and "pip install 'llava-bot[convert]'" in result.stderr
+
+
+def test_genai_chat_works_without_the_conversion_packages(tiny_llava: tuple[Path, Path]) -> None:
+    result = without_conversion_packages(
+        "chat", "--model", str(tiny_llava[1] / "INT4"), "--engine", "genai", "--max-new-tokens", "3", "Hello"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[3 tokens" in result.stderr
