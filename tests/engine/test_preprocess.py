@@ -101,9 +101,10 @@ def test_genai_sees_the_processors_crop(tiny_llava: tuple[Path, Path]) -> None:
         assert np.array_equal(crop.transpose(2, 0, 1), wanted), size
 
 
-@pytest.mark.parametrize("height, width", [(1, 1), (2, 7), (55, 56), (57, 56), (300, 9), (9, 300), (111, 113)])
+@pytest.mark.parametrize("height, width", [(1, 56), (61, 1), (2, 7), (55, 56), (300, 9), (9, 300), (111, 113)])
 def test_resize_equals_the_processors_resize(tiny_llava: tuple[Path, Path], height: int, width: int) -> None:
-    """Up and down, one axis or both, to sizes with awkward ratios."""
+    """Up and down, one axis or both, to sizes with awkward ratios. (A 1x1 target is left out: PyTorch's own
+    kernel fails on it, and no model asks for it.)"""
     import torch
     from transformers import AutoProcessor
     from transformers.image_utils import SizeDict
