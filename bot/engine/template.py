@@ -116,9 +116,9 @@ class ChatTemplate:
         self.image_token: str = str(
             processor_config.get("image_token") or tokenizer_config.get("image_token") or "<image>"
         )
-        self.special_tokens = {
-            name: text for name in _SPECIAL if (text := _token_text(tokenizer_config.get(name))) is not None
-        }
+        named = {name: tokenizer_config.get(name) for name in _SPECIAL}
+        named.update(tokenizer_config.get("model_specific_special_tokens") or {})  # e.g. image_token
+        self.special_tokens = {name: text for name, value in named.items() if (text := _token_text(value)) is not None}
         self.settings = preprocess.ImageSettings.load(folder)
         # The OpenVINO tokenizer: the same ids as the original tokenizer, without transformers.
         self.tokenizer: Any = openvino_genai.Tokenizer(str(folder))
