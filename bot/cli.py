@@ -46,6 +46,11 @@ def _convert_hint(folder: Path) -> str:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a LLaVA checkpoint to OpenVINO IR and compress it to INT8 and INT4."""
     from bot.engine.convert import ConversionError, convert
+    from bot.engine.extras import convert_extra_missing
+
+    problem = convert_extra_missing("Converting a model")
+    if problem:
+        raise CliError(problem)
 
     out = Path(args.out) if args.out else default_model_dir(args.model)
     try:

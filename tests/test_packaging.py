@@ -82,3 +82,23 @@ def test_an_installed_wheel_migrates_its_database(wheel: Path, tmp_path: Path) -
     assert current.returncode == 0, current.stderr
     assert current.stdout.strip() == head_revision()
     assert "never awaited" not in current.stderr
+
+
+def test_serving_needs_no_pytorch_stack_and_the_convert_extra_brings_it(wheel: Path) -> None:
+    """`pip install llava-bot` serves without PyTorch; `llava-bot[convert]` (and `dev`) add conversion."""
+    (metadata,) = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA")]
+    requirements = [
+        line.split(":", 1)[1].strip()
+        for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+
+    def names(extra: str | None) -> set[str]:
+        chosen = [r for r in requirements if (f'extra == "{extra}"' in r if extra else "extra ==" not in r)]
+        return {r.split(";")[0].split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip() for r in chosen}
+
+    conversion = {"optimum-intel", "nncf", "transformers", "torch"}
+    assert not names(None) & conversion
+    assert {"openvino", "openvino-genai", "openvino-tokenizers", "jinja2", "numpy", "pillow"} <= names(None)
+    assert {"optimum-intel", "nncf", "transformers"} <= names("convert")
+    assert "llava-bot" in names("dev")

@@ -461,11 +461,9 @@ class BatchingEngine(Engine):
         # Images the vision encoder ran on, and images whose features came from the cache (LLaVA-1.5).
         self.images_encoded = 0
         self.images_reused = 0
-        # Pixels of recent images by the digest of their RGB bytes, so a follow-up skips the processor; and
-        # the image tokens each image expands to (None: not known yet; 0: always use the processor).
+        # Pixels of recent images by the digest of their RGB bytes, so a follow-up skips resizing.
         self._pixels: OrderedDict[str, tuple[str, np.ndarray]] = OrderedDict()
-        self._tokens_per_image: int | None = None
-        # The child imports OpenVINO while this process loads the processor; it waits for its options.
+        # The child imports OpenVINO while this process loads the tokenizer; it waits for its options.
         self._process, self._conn = _start_child()
         try:
             self.template = ChatTemplate(model_dir)
@@ -473,7 +471,7 @@ class BatchingEngine(Engine):
             self._tokenizer = self.template.tokenizer
             # Building embeddings here needs LLaVA-1.5's simple layout: one fixed block of features per image.
             embeds_here = self.template.model_type == "llava"
-            image_token = int(self._tokenizer.convert_tokens_to_ids(self.template.image_token)) if embeds_here else None
+            image_token = self.template.image_token_id if embeds_here else None
             self.options = WorkerOptions(
                 model_dir=str(model_dir),
                 device=device,
@@ -543,46 +541,21 @@ class BatchingEngine(Engine):
             prompt, arrays = tagged_prompt(self.template, conversation, self._pre_crop)
             return PromptInputs(prompt, tuple(arrays))
         text, images = self.template.render(conversation)
-        keys = [_image_key(image) for image in images]
-        known = [self._pixels.get(key) for key in keys]
-        if self._tokens_per_image and all(pixels is not None for pixels in known):
-            # A follow-up about images seen before: no resizing, only the tokenizer.
-            for key in keys:
-                self._pixels.move_to_end(key)
-            return EmbedInputs(self._token_ids(text), tuple(p for p in known if p is not None))
-        # The processor expands image tokens and prepares pixels exactly as the transformers reference does.
-        processed = self.template.processor(images=images or None, text=text, return_tensors="np")
-        input_ids = np.ascontiguousarray(processed["input_ids"], dtype=np.int64)
-        encoded: list[tuple[str, np.ndarray]] = []
-        if images:
-            for key, image_pixels in zip(keys, np.asarray(processed["pixel_values"], dtype=np.float32), strict=True):
-                one = np.ascontiguousarray(image_pixels[None])
-                encoded.append((hashlib.blake2b(one.tobytes(), digest_size=16).hexdigest(), one))
-                self._pixels[key] = encoded[-1]
-            while len(self._pixels) > self.options.image_cache_size:
-                self._pixels.popitem(last=False)
-            if self._tokens_per_image is None:
-                self._learn_image_tokens(text, input_ids, len(images))
-        return EmbedInputs(input_ids, tuple(encoded))
+        input_ids = self.template.token_ids(self.template.expand(text, images))
+        return EmbedInputs(input_ids, tuple(self._image_pixels(image) for image in images))
 
-    def _token_ids(self, text: str) -> np.ndarray:
-        """Token ids as the processor makes them: each image token repeated for every feature, then tokenized."""
-        assert self._tokens_per_image
-        expanded = text.replace(self.template.image_token, self.template.image_token * self._tokens_per_image)
-        ids = self._tokenizer(expanded, return_tensors="np")["input_ids"]
-        return np.ascontiguousarray(ids, dtype=np.int64)
-
-    def _learn_image_tokens(self, text: str, input_ids: np.ndarray, images: int) -> None:
-        """Take the tokens per image from the processor's first answer, and use the tokenizer-only path for
-        seen images only if it reproduces that answer exactly."""
-        count = int((input_ids[0] == self.options.image_token_id).sum())
-        if count % images:
-            self._tokens_per_image = 0
-            return
-        self._tokens_per_image = count // images
-        if not np.array_equal(self._token_ids(text), input_ids):
-            log.warning("Token ids of seen images differ from the processor's; images will be processed every time")
-            self._tokens_per_image = 0
+    def _image_pixels(self, image: Any) -> tuple[str, np.ndarray]:
+        """Pixel values ``[1, 3, H, W]`` of one image and their digest; a follow-up's image skips the resize."""
+        key = _image_key(image)
+        known = self._pixels.get(key)
+        if known is not None:
+            self._pixels.move_to_end(key)
+            return known
+        pixels = np.ascontiguousarray(self.template.pixel_values(image)[None], dtype=np.float32)
+        self._pixels[key] = (hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest(), pixels)
+        while len(self._pixels) > self.options.image_cache_size:
+            self._pixels.popitem(last=False)
+        return self._pixels[key]
 
     def _send(self, message: tuple[Any, ...]) -> bool:
         try:

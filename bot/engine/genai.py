@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from bot.engine import preprocess
 from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
 from bot.engine.template import ChatTemplate
 
@@ -24,13 +25,12 @@ def image_tensor(image: object) -> object:
 
 
 def pre_crops(template: ChatTemplate) -> bool:
-    """Whether images should be resized and cropped with the model's own processor before genai sees them.
+    """Whether images should be resized and cropped here, as the model's processor does, before genai sees them.
 
-    LLaVA-1.5 sees one fixed square crop. Doing that step with the model's processor makes genai's (differently
-    rounded) resize a no-op, so genai and the transformers reference see exactly the same pixels.
+    LLaVA-1.5 sees one fixed square crop. Doing that step exactly as the transformers processor does makes genai's
+    (differently rounded) resize a no-op, so genai and the transformers reference see exactly the same pixels.
     """
-    config = template.processor.image_processor
-    return template.model_type == "llava" and bool(getattr(config, "do_center_crop", False))
+    return template.model_type == "llava" and template.settings.do_center_crop
 
 
 def tagged_prompt(template: ChatTemplate, conversation: Sequence[Turn], pre_crop: bool) -> tuple[str, list[np.ndarray]]:
@@ -43,12 +43,9 @@ def tagged_prompt(template: ChatTemplate, conversation: Sequence[Turn], pre_crop
     # genai writes a newline after every image's tokens itself; the template's own would be a second one.
     tails = [part.removeprefix("\n") for part in parts[1:]]
     tagged = parts[0] + "".join(f"<ov_genai_image_{i}>{tail}" for i, tail in enumerate(tails))
-    if pre_crop and images:
-        pixels = template.processor.image_processor(images, do_normalize=False, do_rescale=False, return_tensors="np")[
-            "pixel_values"
-        ]
-        return tagged, [np.ascontiguousarray(np.asarray(p, dtype=np.uint8).transpose(1, 2, 0)) for p in pixels]
-    return tagged, [np.ascontiguousarray(np.asarray(image, dtype=np.uint8)) for image in images]
+    if pre_crop:
+        return tagged, [preprocess.clip_crop(image, template.settings) for image in images]
+    return tagged, [preprocess.as_array(image) for image in images]
 
 
 def generation_config(settings: GenerationSettings) -> object:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
+from bot.engine.extras import convert_extra_missing
 from bot.engine.template import ChatTemplate
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,15 @@ class OptimumEngine(Engine):
 
     def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
         super().__init__(model_dir, device, ov_config)
+        problem = convert_extra_missing("The optimum engine")
+        if problem:
+            raise EngineError(problem)
         from optimum.intel import OVModelForVisualCausalLM
+        from transformers import AutoProcessor
 
         self.template = ChatTemplate(model_dir)
+        # The reference pipeline takes its inputs from transformers' own processor, as the reference does.
+        self.processor: Any = AutoProcessor.from_pretrained(model_dir)
         self.model: Any = OVModelForVisualCausalLM.from_pretrained(
             model_dir, device=device, ov_config=self.ov_config or None
         )
@@ -97,7 +104,7 @@ class OptimumEngine(Engine):
         kwargs: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
             "do_sample": not settings.greedy,
-            "streamer": _Streamer(self.template.tokenizer, skip_prompt=True, skip_special_tokens=True),
+            "streamer": _Streamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True),
             "stopping_criteria": StoppingCriteriaList([_StopWhenCancelled()]),
         }
         if not settings.greedy:
@@ -112,7 +119,8 @@ class OptimumEngine(Engine):
             stream.stats.started = time.monotonic()
             try:
                 # Image preprocessing runs here, off the event loop.
-                inputs = self.template.inputs(conversation)
+                text, images = self.template.render(conversation)
+                inputs = self.processor(images=images or None, text=text, return_tensors="pt")
                 stream.stats.prompt_tokens = int(inputs["input_ids"].shape[-1])
                 self.model.generate(**inputs, **kwargs)
             except Exception as error:
