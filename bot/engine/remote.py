@@ -46,6 +46,7 @@ NO_KEY = "model.api_key_env names {variable}, but that environment variable is n
 RETRY_DELAYS = (0.5, 1.0, 2.0)
 # Gateway errors mean the server (or a proxy in front of it) could not take the request: worth a retry.
 RETRY_STATUSES = frozenset({502, 503, 504})
+HEALTH_TIMEOUT = 2.0
 # Rough costs for estimating a prompt without a tokenizer: characters per token, the tokens one image
 # expands to in LLaVA-1.5 (576) with some margin, and the template's tokens around each turn.
 _CHARS_PER_TOKEN = 3
@@ -223,7 +224,10 @@ class RemoteEngine(Engine):
             except (openai.APIConnectionError, openai.InternalServerError) as error:
                 status = getattr(error, "status_code", None)
                 retryable = status is None or status in RETRY_STATUSES
-                if stream.stats.first_token is not None or not retryable or attempt == len(RETRY_DELAYS):
+                if stream.stats.first_token is not None:
+                    log.warning("The model server at %s broke off an answer: %r", self.settings.base_url, error)
+                    raise EngineError(BROKE_OFF) from error
+                if not retryable or attempt == len(RETRY_DELAYS):
                     raise self._sentence(error) from error
                 log.info(
                     "The model server at %s failed (%s); retrying in %.1f s",
@@ -291,7 +295,8 @@ class RemoteEngine(Engine):
     async def health(self) -> str:
         """A short description of the server's state for ``/status``."""
         try:
-            models = await self._client.models.list()
+            # /status must answer within Discord's 3 s.
+            models = await self._client.with_options(timeout=HEALTH_TIMEOUT).models.list()
         except openai.OpenAIError as error:
             log.info("Health check of %s failed: %s", self.settings.base_url, error)
             return "unreachable"
