@@ -143,6 +143,7 @@ class RemoteEngine(Engine):
 
             self.template = ChatTemplate(settings.tokenizer_dir)
             self._context_window = int(self.template.context_window)
+            log.info("Prompt tokens are counted with the tokenizer of %s", settings.tokenizer_dir)
         else:
             self._context_window = self._server_context_window() or settings.context_window
             log.warning(

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bot.client import ensure_model, remote_options
+from bot.config import parse_config
 from bot.engine import remote
 from bot.engine.base import Engine, EngineError, GenerationSettings, Turn, with_source
+from bot.engine.manager import ModelManager
 from bot.engine.remote import RemoteEngine, RemoteSettings
 from tests.conftest import sample_image
 from tests.e2e.serve_process import ServeProcess, free_port
@@ -149,3 +152,32 @@ async def test_a_server_that_stops_answering_times_out(served: ServeProcess) -> 
         assert await engine.generate([Turn("user", "Hello?")], SETTINGS).text()  # and it answers again
     finally:
         await asyncio.to_thread(engine.close)
+
+
+async def test_the_manager_loads_it_without_a_model_folder_and_maps_precisions(
+    served: ServeProcess, tmp_path: Path
+) -> None:
+    config = parse_config(
+        {
+            "model": {
+                "engine": "openai",
+                "dir": str(tmp_path / "nothing-converted-here"),
+                "base_url": served.base_url,
+                "api_key_env": KEY_ENV,
+                "remote_models": {"int4": "tiny", "FP16": "tiny-fp16"},
+            }
+        }
+    )
+    ensure_model(config)  # no converted folder is needed, and none is converted
+    assert not (tmp_path / "nothing-converted-here").exists()
+    models = ModelManager(Path(config.model.dir), config.model.engine, **remote_options(config))
+    assert models.available() == ["INT4", "FP16"]
+    try:
+        await models.switch("INT4")
+        assert await models.generate([Turn("user", "Hello?")], SETTINGS).text()
+        await models.switch("FP16")
+        with pytest.raises(EngineError) as failure:
+            await models.generate([Turn("user", "Hello?")], SETTINGS).text()
+        assert str(failure.value) == remote.NO_MODEL.format(model="tiny-fp16")
+    finally:
+        await models.close()
