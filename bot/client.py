@@ -19,6 +19,7 @@ from bot.config import Config
 from bot.engine import variants
 from bot.engine.base import GenerationSettings
 from bot.engine.manager import REMOTE_KIND, ModelManager
+from bot.loopwatch import LoopWatch
 from bot.store.db import create_engine, session_factory, upgrade
 from bot.store.history import HistoryStore
 
@@ -54,6 +55,7 @@ class LlavaBot(commands.Bot):
             **options,
         )
         self.config = config
+        self.loop_watch = LoopWatch()
         self.tree.error(self.on_app_command_error)
 
     async def setup_hook(self) -> None:
@@ -80,6 +82,8 @@ class LlavaBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
+        # Loading the model holds the GIL for seconds; what matters is the lag once the bot serves.
+        self.loop_watch.start()
 
     async def sync_commands(self) -> None:
         """Register slash commands globally and, for instant availability, in the configured servers."""
@@ -120,6 +124,8 @@ class LlavaBot(commands.Bot):
             await self.http_session.close()
         if hasattr(self, "db_engine"):
             await self.db_engine.dispose()
+        await self.loop_watch.stop()
+        log.info("Event loop lag over this run: %s", self.loop_watch.summary())
 
 
 def point_at(config: Config) -> None:

@@ -7,10 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+
+from tests.postgres import PostgresServer
 
 # No test may reach the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,6 +68,15 @@ def tiny_llava_next() -> tuple[Path, Path]:
     from bot.engine.synthetic import TINY_NEXT
 
     return converted_model("llava_next", TINY_NEXT)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole test session (see tests/postgres.py)."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 def sample_image(size: tuple[int, int] = (120, 90), seed: int = 0) -> Image.Image:

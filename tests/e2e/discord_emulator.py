@@ -497,6 +497,13 @@ class DiscordEmulator:
         self.users[user.id] = user
         return user
 
+    def add_text_channel(self, name: str) -> int:
+        """Add a text channel to the guild; bots that connect afterwards see it in GUILD_CREATE."""
+        channel_id = self.snowflake()
+        position = sum(c["type"] == CHANNEL_TEXT for c in self.channels.values())
+        self.channels[channel_id] = self._text_channel(channel_id, name, position)
+        return channel_id
+
     def dm_channel(self, user: EmulatedUser) -> int:
         """The id of the DM channel between the bot and ``user``, created on first use."""
         for cid, channel in self.channels.items():

@@ -10,6 +10,7 @@ from sqlalchemy import func, select, table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.store import HistoryStore, StoredImage, create_engine, session_factory, upgrade
+from tests.postgres import PostgresServer
 
 
 def sqlite_url(path: Path) -> str:
@@ -18,15 +19,32 @@ def sqlite_url(path: Path) -> str:
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def sqlite_db_url(tmp_path: Path) -> str:
     # A folder that does not exist yet, as on a fresh install.
     return sqlite_url(tmp_path / "data" / "bot.db")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db_url(request: pytest.FixtureRequest, sqlite_db_url: str) -> str:
+    """A new, empty database on each backend the bot supports."""
+    if request.param == "sqlite":
+        return sqlite_db_url
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return await server.new_database()
 
 
 @pytest.fixture
 async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     await upgrade(db_url)
     engine = create_engine(db_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def sqlite_engine(sqlite_db_url: str) -> AsyncIterator[AsyncEngine]:
+    await upgrade(sqlite_db_url)
+    engine = create_engine(sqlite_db_url)
     yield engine
     await engine.dispose()
 

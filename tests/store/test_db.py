@@ -15,16 +15,16 @@ in_session_loop = pytest.mark.asyncio(loop_scope="session")
 
 
 @in_session_loop
-async def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(engine: AsyncEngine) -> None:
-    async with engine.connect() as connection:
+async def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(sqlite_engine: AsyncEngine) -> None:
+    async with sqlite_engine.connect() as connection:
         assert (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar_one() == "wal"
         assert (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar_one() > 0
 
 
 @in_session_loop
-async def test_sqlite_enforces_foreign_keys(engine: AsyncEngine) -> None:
+async def test_sqlite_enforces_foreign_keys(sqlite_engine: AsyncEngine) -> None:
     with pytest.raises(IntegrityError):
-        async with engine.begin() as connection:
+        async with sqlite_engine.begin() as connection:
             await connection.execute(
                 text(
                     "INSERT INTO turns (channel_id, role, text, image_sha256, message_ids)"

@@ -73,7 +73,8 @@ async def seed_first_revision(engine: AsyncEngine) -> None:
         )
 
 
-async def test_upgrade_creates_the_schema_in_a_new_database_file(db_url: str, tmp_path: Path) -> None:
+async def test_upgrade_creates_the_schema_in_a_new_database_file(sqlite_db_url: str, tmp_path: Path) -> None:
+    db_url = sqlite_db_url
     assert await current_revision(db_url) is None
     assert not (tmp_path / "data").exists()
 
