@@ -182,6 +182,44 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return asyncio.run(_chat(args))
 
 
+# --- serve ---------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve one precision folder over the OpenAI-compatible API (/v3 and /v1) for bots on other hosts."""
+    import os
+
+    from bot.engine.base import EngineError
+    from bot.serve.app import default_name, serve
+
+    folder = Path(args.model)
+    if not variants.is_complete(folder):
+        raise CliError(f"{variants.describe_missing(folder)}. To create it, run: {_convert_hint(folder)}")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env, "").strip()
+        if not api_key:
+            raise CliError(f"--api-key-env names {args.api_key_env}, but that environment variable is empty")
+    try:
+        asyncio.run(
+            serve(
+                folder,
+                name=args.name or default_name(folder),
+                host=args.host,
+                port=args.port,
+                kind=args.engine,
+                device=args.device,
+                ov_config=_ov_config(args.ov_config),
+                api_key=api_key,
+            )
+        )
+    except EngineError as error:
+        raise CliError(str(error)) from error
+    except OSError as error:  # the port is taken, or the host is not an address of this machine
+        raise CliError(f"Cannot listen on {args.host}:{args.port}: {error.strerror or error}") from error
+    except RuntimeError as error:  # OpenVINO reports unknown devices and bad properties this way
+        raise CliError(f"Cannot load {folder} on {args.device}: {str(error).splitlines()[0]}") from error
+    return 0
+
+
 # --- run / db ----------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the Discord bot."""
@@ -259,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("question", nargs="?", help="ask once and exit; without it, chat interactively")
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    serve.add_argument("--model", required=True, help="one precision folder, e.g. models/llava-1.5-7b-hf/INT4")
+    serve.add_argument("--name", help="model name clients ask for (default: e.g. llava-1.5-7b-hf-int4)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--engine", choices=ENGINE_KINDS, default="genai-batching")
+    serve.add_argument("--device", default="CPU", help="CPU, GPU or AUTO (default: CPU)")
+    serve.add_argument("--ov-config", action="append", default=[], metavar="KEY=VALUE", help="OpenVINO property")
+    serve.add_argument("--api-key-env", metavar="VAR", help="require the key held by this environment variable")
+    serve.set_defaults(func=cmd_serve)
 
     from bot.bench.options import add_arguments as add_bench_arguments
 

@@ -21,7 +21,7 @@ from bot.chat.service import ChatService
 from bot.config import Config
 from bot.engine import variants
 from bot.engine.base import GenerationSettings
-from bot.engine.manager import ModelManager
+from bot.engine.manager import REMOTE_KIND, ModelManager
 from bot.loopwatch import LoopWatch
 from bot.store.db import create_engine, session_factory, upgrade
 from bot.store.history import HistoryStore
@@ -76,10 +76,16 @@ class LlavaBot(commands.Bot):
         self.http_session = aiohttp.ClientSession()
         model = config.model
         self.models = ModelManager(
-            Path(model.dir), model.engine, model.device, model.ov_config, stall_timeout=model.stall_timeout
+            Path(model.dir),
+            model.engine,
+            model.device,
+            model.ov_config,
+            stall_timeout=model.stall_timeout,
+            **remote_options(config),
         )
         precision = await self.store.get_setting("precision") or model.precision
-        if precision not in self.models.available():
+        available = self.models.available()
+        if available and precision not in available:
             log.warning("The saved precision %s is no longer available; using %s", precision, model.precision)
             precision = model.precision
         await self.models.switch(precision)
@@ -174,8 +180,27 @@ def point_at(config: Config) -> None:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(config.discord.gateway_url)
 
 
+def remote_options(config: Config) -> dict[str, Any]:
+    """The remote engine's settings for ModelManager (nothing for the local engines)."""
+    model = config.model
+    if model.engine != REMOTE_KIND:
+        return {}
+    from bot.engine.remote import RemoteSettings
+
+    settings = RemoteSettings(
+        base_url=model.base_url,
+        model=model.remote_model,
+        api_key_env=model.api_key_env,
+        timeout=model.request_timeout,
+        context_window=model.context_window,
+    )
+    return {"remote": settings, "remote_models": model.remote_models}
+
+
 def ensure_model(config: Config) -> None:
     """Make sure the configured precision exists, converting it first if the operator allowed that."""
+    if config.model.engine == REMOTE_KIND:
+        return  # the model lives on the server; a local folder, if any, only lends its tokenizer
     model_dir = Path(config.model.dir)
     precision = config.model.precision
     if variants.is_complete(model_dir / precision):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.chat.ratelimit import parse_rate_limit
-from bot.engine.manager import ENGINE_KINDS
+from bot.engine.manager import BOT_ENGINE_KINDS, REMOTE_KIND
 from bot.engine.variants import PRECISIONS
 
 DISCORD_TOKEN_ENV = "DISCORD_TOKEN"
@@ -78,6 +78,17 @@ class ModelConfig:
     top_p: float = 1.0
     # Seconds an answer may go without a new token before the engine is restarted (the watchdog).
     stall_timeout: float = 120.0
+    # engine = "openai": the OpenAI-compatible server, e.g. "http://127.0.0.1:8000/v3" (OVMS, llava-bot serve).
+    base_url: str = ""
+    # The name of the environment variable holding the server's API key (empty: no key).
+    api_key_env: str = ""
+    # The model name the server knows; remote_models maps precisions to names for /precision.
+    remote_model: str = ""
+    remote_models: dict[str, str] = field(default_factory=dict)
+    # Seconds to wait for the server to connect or to send the next part of an answer.
+    request_timeout: float = 60.0
+    # Context window in tokens when neither a local tokenizer nor the server tells it.
+    context_window: int = 4096
 
 
 @dataclass
@@ -160,8 +171,9 @@ def _validate(config: Config) -> None:
     model.precision = model.precision.upper()
     if model.precision not in PRECISIONS:
         raise ConfigError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {model.precision!r}")
-    if model.engine not in ENGINE_KINDS:
-        raise ConfigError(f"model.engine must be one of {', '.join(ENGINE_KINDS)}, got {model.engine!r}")
+    if model.engine not in BOT_ENGINE_KINDS:
+        raise ConfigError(f"model.engine must be one of {', '.join(BOT_ENGINE_KINDS)}, got {model.engine!r}")
+    _validate_remote(model)
     if model.max_new_tokens < 1:
         raise ConfigError("model.max_new_tokens must be at least 1")
     if not 0.0 <= model.temperature <= 5.0 or not 0.0 < model.top_p <= 1.0:
@@ -184,6 +196,23 @@ def _validate(config: Config) -> None:
         parse_rate_limit(config.chat.rate_limit)
     except ValueError as error:
         raise ConfigError(f"chat.rate_limit: {error}") from error
+
+
+def _validate_remote(model: ModelConfig) -> None:
+    model.remote_models = {key.upper(): value for key, value in model.remote_models.items()}
+    unknown = sorted(set(model.remote_models) - set(PRECISIONS))
+    if unknown:
+        raise ConfigError(f"model.remote_models keys must be {', '.join(PRECISIONS)}, got {unknown[0]!r}")
+    if model.request_timeout <= 0 or model.context_window < 256:
+        raise ConfigError("model.request_timeout must be positive and model.context_window at least 256")
+    if model.engine != REMOTE_KIND:
+        return
+    if not model.base_url.startswith(("http://", "https://")):
+        raise ConfigError('model.engine = "openai" needs model.base_url, e.g. "http://127.0.0.1:8000/v3"')
+    if not model.remote_model and not model.remote_models:
+        raise ConfigError('model.engine = "openai" needs model.remote_model (the model name the server knows)')
+    if model.remote_models and model.precision not in model.remote_models:
+        raise ConfigError(f"model.remote_models has no name for model.precision {model.precision}")
 
 
 def parse_config(data: dict[str, Any]) -> Config:

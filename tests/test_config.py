@@ -42,6 +42,14 @@ def test_example_file_is_valid_and_shows_every_default() -> None:
         ({"chat": {"rate_limit": "0/1m"}}, "chat.rate_limit: '0/1m' must allow at least one question"),
         ({"chat": {"retention_days": -1}}, "chat.retention_days must be a number of days, or 0 to keep everything"),
         ({"discord": {"denied_user_ids": ["alice"]}}, "discord.denied_user_ids[0] must be int"),
+        ({"model": {"engine": "openai"}}, "needs model.base_url"),
+        ({"model": {"engine": "openai", "base_url": "http://10.0.0.5:8000/v3"}}, "needs model.remote_model"),
+        ({"model": {"remote_models": {"INT5": "llava"}}}, "model.remote_models keys must be"),
+        (
+            {"model": {"engine": "openai", "base_url": "http://h/v3", "remote_models": {"FP16": "a"}}},
+            "no name for model.precision INT4",
+        ),
+        ({"model": {"request_timeout": 0}}, "model.request_timeout must be positive"),
     ],
 )
 def test_mistakes_name_the_key(document: dict, message: str) -> None:

@@ -21,7 +21,7 @@ from bot.chat.prompt import BuiltPrompt, HistoryTurn, build_prompt
 from bot.chat.scheduler import AlreadyAsking, QueueFull, Scheduler
 from bot.chat.stopping import RunningAnswer, RunningAnswers, Stopped, StopReason
 from bot.chat.streaming import ReplyStreamer
-from bot.engine.base import EngineError, GenerationSettings
+from bot.engine.base import EngineError, GenerationSettings, with_source
 from bot.engine.manager import ModelManager
 from bot.store.history import HistoryStore, StoredImage, StoredTurn
 from bot.store.privacy import Removed
@@ -298,13 +298,13 @@ class ChatService:
         history = [HistoryTurn(t.role, t.text, t.image_sha256) for t in stored]
         history.append(HistoryTurn("user", question.text, question.image.sha256 if question.image else None))
         if question.image is not None:
-            self._images.put(question.image.sha256, question.image.image)
+            self._images.put(question.image.sha256, with_source(question.image.image, question.image.data))
         sha = next((h.image_sha256 for h in reversed(history) if h.image_sha256), None)
         if sha is not None and self._images.get(sha) is None:
             data = await self.store.image_bytes(sha)
             if data is None:
                 raise EngineError("The image of this conversation is gone; please send it again.")
-            self._images.put(sha, await asyncio.to_thread(decode_stored, data))
+            self._images.put(sha, with_source(await asyncio.to_thread(decode_stored, data), data))
         images = self._images
         models = self.models
 

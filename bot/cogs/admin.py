@@ -12,6 +12,7 @@ from discord.ext import commands
 
 from bot.cogs.replies import NO_PINGS
 from bot.engine.base import EngineError
+from bot.engine.remote import RemoteEngine
 from bot.engine.supervisor import Health
 from bot.engine.variants import PRECISIONS
 
@@ -49,6 +50,8 @@ HEALTH_LOADING = {
 }
 NO_FAILURE = "none"
 FAILURE = "<t:{at}:f>: {reason}"
+PRECISION_SERVER = "The model server decides the precision: this bot asks it for **{model}**."
+STATUS_SERVER = "\n**Server:** {url}, model {model}: {health}"
 WHO_MAY_RESET = {"moderators": "moderators (Manage Messages)", "admins": "the bot's admins"}
 
 
@@ -91,6 +94,10 @@ class AdminCog(commands.Cog):
         """Show the model's precision, or switch it for the whole bot (owner and admins only)."""
         models = self.bot.models
         available = models.available()
+        if models.remote is not None and not available:
+            text = PRECISION_SERVER.format(model=models.remote.model)
+            await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_PINGS)
+            return
         if precision is None:
             current = PRECISION_CURRENT.format(precision=models.precision, available=", ".join(available))
             await interaction.response.send_message(current, ephemeral=True)
@@ -138,14 +145,18 @@ class AdminCog(commands.Cog):
         text = STATUS.format(
             model=models.model_dir.name,
             precision=models.precision,
-            available=", ".join(models.available()),
+            available=", ".join(models.available()) or "the server decides",
             engine=models.kind,
             device=models.device,
             running=scheduler.running,
             waiting=scheduler.queue_length,
             **health_lines(models.health),
         )
-        await interaction.response.send_message(text, ephemeral=True)
+        engine = models.engine
+        if isinstance(engine, RemoteEngine):
+            health = await engine.health()
+            text += STATUS_SERVER.format(url=engine.settings.base_url, model=engine.settings.model, health=health)
+        await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_PINGS)
 
 
 def health_lines(health: Health) -> dict[str, str]:

@@ -43,6 +43,23 @@ class GenerationSettings:
         return self.temperature <= 0.0
 
 
+# Key in a PIL image's ``info`` holding the encoded file the image was decoded from. An engine that sends
+# images elsewhere (the remote engine) sends those bytes as they are: re-encoding could change the pixels.
+_SOURCE_KEY = "llava_bot.source"
+
+
+def with_source(image: Image.Image, data: bytes) -> Image.Image:
+    """Remember on ``image`` the encoded bytes it was decoded from; returns ``image``."""
+    image.info[_SOURCE_KEY] = data
+    return image
+
+
+def source_of(image: Image.Image) -> bytes | None:
+    """The encoded bytes recorded by :func:`with_source`, if any."""
+    data = image.info.get(_SOURCE_KEY)
+    return data if isinstance(data, bytes) else None
+
+
 class EngineError(RuntimeError):
     """A failure worth telling the person about; ``str(error)`` is a plain sentence."""
 

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from bot.engine import variants
 from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
 from bot.engine.supervisor import Backoff, Health, Supervisor
 
+if TYPE_CHECKING:
+    from bot.engine.remote import RemoteSettings
+
 log = logging.getLogger(__name__)
 
 EngineKind = Literal["genai", "genai-batching", "optimum"]
+# Engines that load a converted folder (what load_engine, `llava-bot chat` and the benchmark take).
 ENGINE_KINDS: tuple[EngineKind, ...] = ("genai", "genai-batching", "optimum")
+# The engine that streams from an OpenAI-compatible server instead; it needs no converted folder.
+REMOTE_KIND = "openai"
+BOT_ENGINE_KINDS: tuple[str, ...] = (*ENGINE_KINDS, REMOTE_KIND)
 
 
 def load_engine(kind: str, folder: Path, device: str = "CPU", ov_config: dict[str, str] | None = None) -> Engine:
@@ -55,9 +63,15 @@ class ModelManager:
         *,
         stall_timeout: float = 120.0,
         backoff: Backoff | None = None,
+        remote: RemoteSettings | None = None,
+        remote_models: dict[str, str] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.kind = kind
+        # For the remote engine: the server, and the server's model name for each precision (empty: the
+        # server decides, and remote.model is the only model).
+        self.remote = remote
+        self.remote_models = {variants.normalise_precision(p): name for p, name in (remote_models or {}).items()}
         self.device = device
         self.ov_config = dict(ov_config or {})
         self.precision: str | None = None
@@ -68,7 +82,9 @@ class ModelManager:
         self.supervisor = Supervisor(self._reload, stall_timeout=stall_timeout, backoff=backoff)
 
     def available(self) -> list[str]:
-        """Complete precision variants under the model folder."""
+        """Complete precision variants under the model folder (remote: the precisions the server maps)."""
+        if self.remote is not None:
+            return [p for p in variants.PRECISIONS if p in self.remote_models]
         return variants.available(self.model_dir)
 
     @property
@@ -102,13 +118,27 @@ class ModelManager:
                 await self._load(self.precision)
 
     async def _load(self, precision: str) -> None:
-        folder = self.model_dir / precision
-        log.info("Loading %s (%s engine on %s)", folder, self.kind, self.device)
-        engine = await asyncio.to_thread(load_engine, self.kind, folder, self.device, self.ov_config)
+        engine = await asyncio.to_thread(self._build, precision)
         old, self._engine, self.precision = self._engine, engine, precision
         self.supervisor.started(engine)
         if old is not None:
             self._retire(old)
+
+    def _build(self, precision: str) -> Engine:
+        """Make the engine for ``precision`` (blocking: runs off the event loop)."""
+        folder = self.model_dir / precision
+        if self.remote is not None:
+            from bot.engine.remote import RemoteEngine
+
+            settings = dataclasses.replace(
+                self.remote,
+                model=self.remote_models.get(precision, self.remote.model),
+                tokenizer_dir=folder if variants.is_complete(folder) else None,
+            )
+            log.info("Using %s at %s (%s engine)", settings.model, settings.base_url, self.kind)
+            return RemoteEngine(settings)
+        log.info("Loading %s (%s engine on %s)", folder, self.kind, self.device)
+        return load_engine(self.kind, folder, self.device, self.ov_config)
 
     def _retire(self, engine: Engine) -> None:
         # Called at the switch and again as each of its streams ends; the last one closes it.

@@ -1,0 +1,1 @@
+"""``llava-bot serve``: a converted model behind the OpenAI-compatible chat-completions API."""
