@@ -42,6 +42,10 @@ class DiscordConfig:
     edit_interval: float = 1.0
     # Register slash commands in these servers (instant), in addition to globally.
     command_guild_ids: list[int] = field(default_factory=list)
+    # Gateway shards of the whole bot; 0 means one unsharded connection.
+    shard_count: int = 0
+    # The shards this process runs; empty means all of shard_count.
+    shard_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -147,10 +151,24 @@ def _validate(config: Config) -> None:
         raise ConfigError("discord.reset_permission must be 'everyone', 'moderators' or 'admins'")
     if config.discord.edit_interval < 0.2:
         raise ConfigError("discord.edit_interval must be at least 0.2 seconds")
+    _validate_shards(config.discord)
     if config.chat.max_queue < 1 or config.chat.max_image_bytes < 1 or config.chat.max_image_pixels < 1:
         raise ConfigError("chat.max_queue, chat.max_image_bytes and chat.max_image_pixels must be positive")
     if config.chat.history_turns < 1:
         raise ConfigError("chat.history_turns must be at least 1")
+
+
+def _validate_shards(discord: DiscordConfig) -> None:
+    count, ids = discord.shard_count, discord.shard_ids
+    if count < 0:
+        raise ConfigError("discord.shard_count must be 0 (no sharding) or a positive number of shards")
+    if ids and count == 0:
+        raise ConfigError("discord.shard_ids needs discord.shard_count: the total number of shards of the bot")
+    outside = [i for i in ids if not 0 <= i < count]
+    if outside:
+        raise ConfigError(f"discord.shard_ids must lie in 0..{count - 1} (shard_count = {count}), got {outside[0]}")
+    if len(set(ids)) != len(ids):
+        raise ConfigError("discord.shard_ids lists a shard twice")
 
 
 def parse_config(data: dict[str, Any]) -> Config:
