@@ -540,6 +540,7 @@ class DiscordEmulator:
         candidate = self.snowflake()
         while shard_of(candidate, shard_count) != shard_id:
             candidate += 1 << 22
+        self._last_snowflake = max(self._last_snowflake, candidate)
         return candidate
 
     def add_user(self, username: str, *, admin: bool = False, guild_id: int | None = None) -> EmulatedUser:
