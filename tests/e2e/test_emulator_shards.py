@@ -66,9 +66,7 @@ async def _mention_everywhere(emulator: DiscordEmulator) -> dict[int, str]:
 async def test_each_shard_gets_only_its_guilds_and_their_events(world: DiscordEmulator) -> None:
     emulator = world
     async with AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(running_bot(ShardClient(2, [shard]), emulator)) for shard in (0, 1)
-        ]
+        clients = [await stack.enter_async_context(running_bot(ShardClient(2, [shard]), emulator)) for shard in (0, 1)]
         assert emulator.connected_shards == {(0, 2), (1, 2)}
         for shard, client in enumerate(clients):
             expected = set(emulator.shard_guilds(shard, 2))
