@@ -55,9 +55,9 @@ async def test_two_shard_processes_answer_their_own_guilds(
     ]
     try:
         # One after the other: the first start creates the shared database's schema.
-        for shard, process in enumerate(processes):
+        for process in processes:
             await process.start()
-            await emulator.wait_for(lambda s=shard: (s, 2) in emulator.connected_shards, 60)
+        await emulator.wait_for(lambda: emulator.connected_shards == {(0, 2), (1, 2)}, 60)
         # A different person in each guild: one person gets one answer at a time, wherever they ask.
         asked = {
             g: await emulator.user_message(
