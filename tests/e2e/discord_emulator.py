@@ -338,7 +338,7 @@ class DiscordEmulator:
     Use as ``async with DiscordEmulator() as emu:``. Ids of the emulated world are attributes:
     :attr:`guild_id`, :attr:`channel_id`, :attr:`second_channel_id`, :attr:`thread_id`,
     :attr:`admin_role_id`; the users are :attr:`bot_user`, :attr:`owner`, :attr:`admin`,
-    :attr:`user` and :attr:`other_user`.
+    :attr:`user` and :attr:`other_user`. :attr:`guilds` maps every guild's id to its :class:`EmulatedGuild`.
     """
 
     def __init__(

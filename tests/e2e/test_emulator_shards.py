@@ -129,7 +129,7 @@ async def test_an_unsharded_client_still_gets_everything(world: DiscordEmulator)
         assert {g.id for g in client.guilds} == set(emulator.guilds)
         sent = await _mention_everywhere(emulator)
         await emulator.wait_for(lambda: len(seen) == len(sent))
-        assert Counter(seen) == Counter(sent)
+        assert Counter(seen) == Counter(list(sent))
 
 
 @pytest.mark.parametrize("shard", [[2, 2], [0, 0], [-1, 2], "0,2"])
