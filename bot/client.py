@@ -172,6 +172,21 @@ class LlavaBot(commands.Bot):
         log.info("Event loop lag over this run: %s", self.loop_watch.summary())
 
 
+class ShardedLlavaBot(LlavaBot, commands.AutoShardedBot):
+    """The same bot on discord.py's AutoShardedBot: several gateway shards in one process."""
+
+
+def make_bot(config: Config, **options: Any) -> LlavaBot:
+    """The bot for ``config``: one plain connection, or the configured shards of a sharded bot."""
+    shards = config.discord
+    if shards.shard_count == 0:
+        return LlavaBot(config, **options)
+    # Without shard_ids discord.py runs every shard of shard_count in this process.
+    ids = list(shards.shard_ids) or None
+    log.info("Running shards %s of %d", ids or f"0-{shards.shard_count - 1}", shards.shard_count)
+    return ShardedLlavaBot(config, shard_count=shards.shard_count, shard_ids=ids, **options)
+
+
 def point_at(config: Config) -> None:
     """Use the configured REST base and gateway instead of Discord's own (a proxy, or a test server)."""
     if config.discord.api_base_url:
@@ -227,7 +242,7 @@ def run_bot(config: Config) -> int:
     logging.getLogger().setLevel(config.logging.level.upper())
     ensure_model(config)
     point_at(config)
-    bot = LlavaBot(config)
+    bot = make_bot(config)
     asyncio.run(_serve(bot, config.discord.token))
     return 0
 

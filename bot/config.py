@@ -59,6 +59,10 @@ class DiscordConfig:
     denied_user_ids: list[int] = field(default_factory=list)
     # Seconds that answers still being written get to finish after SIGTERM/SIGINT before they are cut short.
     shutdown_grace: float = 20.0
+    # Gateway shards of the whole bot; 0 means one unsharded connection.
+    shard_count: int = 0
+    # The shards this process runs; empty means all of shard_count.
+    shard_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -186,6 +190,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("discord.edit_interval must be at least 0.2 seconds")
     if config.discord.shutdown_grace < 0:
         raise ConfigError("discord.shutdown_grace must be 0 or more seconds")
+    _validate_shards(config.discord)
     if config.chat.max_queue < 1 or config.chat.max_image_bytes < 1 or config.chat.max_image_pixels < 1:
         raise ConfigError("chat.max_queue, chat.max_image_bytes and chat.max_image_pixels must be positive")
     if config.chat.history_turns < 1:
@@ -213,6 +218,19 @@ def _validate_remote(model: ModelConfig) -> None:
         raise ConfigError('model.engine = "openai" needs model.remote_model (the model name the server knows)')
     if model.remote_models and model.precision not in model.remote_models:
         raise ConfigError(f"model.remote_models has no name for model.precision {model.precision}")
+
+
+def _validate_shards(discord: DiscordConfig) -> None:
+    count, ids = discord.shard_count, discord.shard_ids
+    if count < 0:
+        raise ConfigError("discord.shard_count must be 0 (no sharding) or a positive number of shards")
+    if ids and count == 0:
+        raise ConfigError("discord.shard_ids needs discord.shard_count: the total number of shards of the bot")
+    outside = [i for i in ids if not 0 <= i < count]
+    if outside:
+        raise ConfigError(f"discord.shard_ids must lie in 0..{count - 1} (shard_count = {count}), got {outside[0]}")
+    if len(set(ids)) != len(ids):
+        raise ConfigError("discord.shard_ids lists a shard twice")
 
 
 def parse_config(data: dict[str, Any]) -> Config:

@@ -50,11 +50,23 @@ def test_example_file_is_valid_and_shows_every_default() -> None:
             "no name for model.precision INT4",
         ),
         ({"model": {"request_timeout": 0}}, "model.request_timeout must be positive"),
+        ({"discord": {"shard_count": -1}}, "shard_count must be 0"),
+        ({"discord": {"shard_ids": [0]}}, "shard_ids needs discord.shard_count"),
+        ({"discord": {"shard_count": 2, "shard_ids": [0, 2]}}, "must lie in 0..1 .*got 2"),
+        ({"discord": {"shard_count": 2, "shard_ids": [-1]}}, "got -1"),
+        ({"discord": {"shard_count": 4, "shard_ids": [1, 3, 1]}}, "lists a shard twice"),
     ],
 )
 def test_mistakes_name_the_key(document: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(document)
+
+
+def test_shards_are_optional_and_a_process_may_take_some_of_them() -> None:
+    assert (Config().discord.shard_count, Config().discord.shard_ids) == (0, [])
+    one_of_two = parse_config({"discord": {"shard_count": 2, "shard_ids": [1]}})
+    assert (one_of_two.discord.shard_count, one_of_two.discord.shard_ids) == (2, [1])
+    assert parse_config({"discord": {"shard_count": 3}}).discord.shard_ids == []
 
 
 def test_token_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,12 @@ logs a bot in, waits for ``on_ready`` and shuts it down again.
 The emulated world is one guild ("Test Guild") with two text channels and a public thread, the
 ``@everyone`` role, an ``Admin`` role with the ADMINISTRATOR permission and a managed bot role, and
 five members: the bot, the application owner (who also owns the guild), an admin and two normal
-users. DM channels are created on demand.
+users. DM channels are created on demand. :meth:`DiscordEmulator.add_guild` adds further guilds, each with its own
+``@everyone`` role, a text channel and members of the tests' choosing.
+
+Like Discord's gateway, the emulator shards: a client that IDENTIFYs with ``shard: [id, count]`` gets in
+READY and as GUILD_CREATE only the guilds of its shard, ``(guild_id >> 22) % count`` (see :func:`shard_of`),
+and only those guilds' events; DMs go to shard 0. A client that IDENTIFYs without ``shard`` gets everything.
 
 Tests drive the bot with :meth:`DiscordEmulator.user_message`, :meth:`DiscordEmulator.slash_command`,
 :meth:`DiscordEmulator.component_interaction` and :meth:`DiscordEmulator.delete_message` (or
@@ -90,6 +95,11 @@ INTERACTION_COMMAND, INTERACTION_COMPONENT = 2, 3
 _COMMAND_NAME = re.compile(r"^[-_\w]{1,32}$")
 
 
+def shard_of(guild_id: int, shard_count: int) -> int:
+    """The shard Discord routes a guild's events to."""
+    return (guild_id >> 22) % shard_count
+
+
 def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
@@ -167,6 +177,18 @@ class EmulatedUser:
             "public_flags": 0,
             "flags": 0,
         }
+
+
+@dataclass
+class EmulatedGuild:
+    """A guild of the emulated world: the ids that make it up (its roles and channels live in the emulator)."""
+
+    id: int
+    name: str
+    owner_id: int
+    member_ids: list[int]
+    role_ids: list[int]
+    system_channel_id: int
 
 
 @dataclass
@@ -312,10 +334,19 @@ class _GatewayConnection:
         self.sequence = 0
         self.session_id: str | None = None
         self.intents = 0
+        self.shard: tuple[int, int] | None = None
+        """``(shard_id, shard_count)`` from IDENTIFY; None for an unsharded client."""
         # zlib-stream: one compression context per connection, every message ends in a sync flush.
         # For zstd-stream we answer with text frames, which discord.py accepts as well.
         self._zlib = zlib.compressobj() if compress == "zlib-stream" else None
         self._lock = asyncio.Lock()
+
+    def receives(self, guild_id: int | None) -> bool:
+        """Whether Discord would send this connection the events of ``guild_id`` (None: a DM)."""
+        if self.shard is None:
+            return True
+        shard_id, count = self.shard
+        return shard_id == (0 if guild_id is None else shard_of(guild_id, count))
 
     async def send(self, op: int, data: Any = None, event: str | None = None) -> None:
         async with self._lock:
@@ -339,7 +370,7 @@ class DiscordEmulator:
     Use as ``async with DiscordEmulator() as emu:``. Ids of the emulated world are attributes:
     :attr:`guild_id`, :attr:`channel_id`, :attr:`second_channel_id`, :attr:`thread_id`,
     :attr:`admin_role_id`; the users are :attr:`bot_user`, :attr:`owner`, :attr:`admin`,
-    :attr:`user` and :attr:`other_user`.
+    :attr:`user` and :attr:`other_user`. :attr:`guilds` maps every guild's id to its :class:`EmulatedGuild`.
     """
 
     def __init__(
@@ -411,6 +442,16 @@ class DiscordEmulator:
             },
         }
         self._joined_at = _now_iso()
+        self.guilds: dict[int, EmulatedGuild] = {
+            self.guild_id: EmulatedGuild(
+                self.guild_id,
+                "Test Guild",
+                self.owner.id,
+                list(self.users),
+                list(self.roles),
+                self.channel_id,
+            )
+        }
 
         self.messages: dict[int, MessageRecord] = {}
         self.requests: list[RecordedRequest] = []
@@ -430,7 +471,7 @@ class DiscordEmulator:
 
         self._uploads: dict[int, tuple[bytes, str, str]] = {}  # attachment id -> data, type, signature
         self._connections: set[_GatewayConnection] = set()
-        self._sessions: dict[str, int] = {}
+        self._sessions: dict[str, tuple[int, tuple[int, int] | None]] = {}  # id -> sequence, shard
         self._edit_limit: _EditLimit | None = None
         self._changed = asyncio.Event()
         self._last_request_at = 0.0
@@ -525,18 +566,60 @@ class DiscordEmulator:
         self._last_snowflake = max(candidate, self._last_snowflake + 1)
         return self._last_snowflake
 
-    def add_user(self, username: str, *, admin: bool = False) -> EmulatedUser:
-        """Add another guild member (an admin when ``admin``)."""
+    def snowflake_on_shard(self, shard_id: int, shard_count: int) -> int:
+        """A new snowflake that, as a guild id, Discord would route to shard ``shard_id`` of ``shard_count``.
+
+        The shard comes from the id's timestamp, so this steps the timestamp a millisecond at a time.
+        """
+        candidate = self.snowflake()
+        while shard_of(candidate, shard_count) != shard_id:
+            candidate += 1 << 22
+        self._last_snowflake = max(self._last_snowflake, candidate)
+        return candidate
+
+    def add_user(self, username: str, *, admin: bool = False, guild_id: int | None = None) -> EmulatedUser:
+        """Add another member of the main guild (an admin when ``admin``), or of ``guild_id``."""
         user = EmulatedUser(self.snowflake(), username, role_ids=(self.admin_role_id,) if admin else ())
         self.users[user.id] = user
+        self._guild_record(guild_id).member_ids.append(user.id)
         return user
 
-    def add_text_channel(self, name: str) -> int:
-        """Add a text channel to the guild; bots that connect afterwards see it in GUILD_CREATE."""
+    def add_text_channel(self, name: str, *, guild_id: int | None = None) -> int:
+        """Add a text channel to the main guild (or ``guild_id``); bots that connect afterwards see it."""
+        guild = self._guild_record(guild_id)
         channel_id = self.snowflake()
-        position = sum(c["type"] == CHANNEL_TEXT for c in self.channels.values())
-        self.channels[channel_id] = self._text_channel(channel_id, name, position)
+        position = sum(c["type"] == CHANNEL_TEXT and c["guild_id"] == str(guild.id) for c in self.channels.values())
+        self.channels[channel_id] = self._text_channel(channel_id, name, position, guild.id)
         return channel_id
+
+    def add_guild(
+        self, name: str, *, guild_id: int | None = None, members: Sequence[EmulatedUser] = ()
+    ) -> EmulatedGuild:
+        """Add a guild owned by :attr:`owner`, with the bot, ``members`` and one text channel, "general".
+
+        ``guild_id`` picks the snowflake (and so the shard, see :func:`shard_of`); later snowflakes stay
+        above it. Bots that connect afterwards see the guild in READY and GUILD_CREATE.
+        """
+        if guild_id is None:
+            guild_id = self.snowflake()
+        if guild_id in self.guilds or guild_id in self.channels or guild_id in self.users:
+            raise ValueError(f"id {guild_id} is taken")
+        self._last_snowflake = max(self._last_snowflake, guild_id)
+        self.roles[guild_id] = self._role(guild_id, "@everyone", EVERYONE_PERMISSIONS, 0)
+        people = [self.bot_user.id, self.owner.id, *(u.id for u in members)]
+        guild = EmulatedGuild(guild_id, name, self.owner.id, list(dict.fromkeys(people)), [guild_id], 0)
+        self.guilds[guild_id] = guild
+        guild.system_channel_id = self.add_text_channel("general", guild_id=guild_id)
+        return guild
+
+    def shard_guilds(self, shard_id: int, shard_count: int) -> list[int]:
+        """The ids of the guilds that Discord would put on shard ``shard_id`` of ``shard_count``."""
+        return [g for g in self.guilds if shard_of(g, shard_count) == shard_id]
+
+    @property
+    def connected_shards(self) -> set[tuple[int, int] | None]:
+        """``(shard_id, shard_count)`` of every identified connection (None for an unsharded one)."""
+        return {c.shard for c in self._connections if c.session_id}
 
     def dm_channel(self, user: EmulatedUser) -> int:
         """The id of the DM channel between the bot and ``user``, created on first use."""
@@ -553,13 +636,15 @@ class DiscordEmulator:
         }
         return cid
 
-    def permissions_of(self, user: EmulatedUser) -> int:
-        """The guild-wide permission bits of ``user``."""
-        if user.id == self.owner.id:
+    def permissions_of(self, user: EmulatedUser, guild_id: int | None = None) -> int:
+        """The guild-wide permission bits of ``user`` in the main guild (or ``guild_id``)."""
+        guild = self._guild_record(guild_id)
+        if user.id == guild.owner_id:
             return ALL_PERMISSIONS
-        bits = int(self.roles[self.guild_id]["permissions"])
+        bits = int(self.roles[guild.id]["permissions"])
         for role_id in user.role_ids:
-            bits |= int(self.roles[role_id]["permissions"])
+            if role_id in guild.role_ids:
+                bits |= int(self.roles[role_id]["permissions"])
         return ALL_PERMISSIONS if bits & ADMINISTRATOR else bits
 
     def add_attachment(
@@ -718,13 +803,20 @@ class DiscordEmulator:
     # ----------------------------------------------------------------------------- driving the bot
 
     async def dispatch(self, event: str, data: JSON) -> None:
-        """Send a DISPATCH event to every identified gateway connection."""
-        connections = [c for c in self._connections if c.session_id]
-        if not connections:
-            raise RuntimeError(f"cannot dispatch {event}: no bot is connected to the gateway")
+        """Send a DISPATCH event to the identified connections that Discord would send it to.
+
+        Unsharded connections get every event; sharded ones only their guilds' (DMs: shard 0).
+        """
+        if not await self._deliver(event, data):
+            raise RuntimeError(f"cannot dispatch {event}: no bot connection receives guild {data.get('guild_id')}")
+
+    async def _deliver(self, event: str, data: JSON) -> int:
+        guild_id = int(data["guild_id"]) if data.get("guild_id") else None
+        connections = [c for c in self._connections if c.session_id and c.receives(guild_id)]
         for conn in connections:
             await conn.send(0, data, event)
         self._notify()
+        return len(connections)
 
     async def request_reconnect(self) -> None:
         """Ask connected clients to reconnect (opcode 7); discord.py then RESUMEs."""
@@ -905,11 +997,11 @@ class DiscordEmulator:
             "flags": 0,
         }
 
-    def _text_channel(self, channel_id: int, name: str, position: int) -> JSON:
+    def _text_channel(self, channel_id: int, name: str, position: int, guild_id: int | None = None) -> JSON:
         return {
             "id": str(channel_id),
             "type": CHANNEL_TEXT,
-            "guild_id": str(self.guild_id),
+            "guild_id": str(guild_id or self.guild_id),
             "name": name,
             "position": position,
             "parent_id": None,
@@ -921,9 +1013,10 @@ class DiscordEmulator:
             "flags": 0,
         }
 
-    def _member(self, user: EmulatedUser, *, with_user: bool = True) -> JSON:
+    def _member(self, user: EmulatedUser, *, with_user: bool = True, guild_id: int | None = None) -> JSON:
+        guild = self._guild_record(guild_id)
         member: JSON = {
-            "roles": [str(r) for r in user.role_ids],
+            "roles": [str(r) for r in user.role_ids if r in guild.role_ids],
             "joined_at": self._joined_at,
             "premium_since": None,
             "deaf": False,
@@ -938,21 +1031,28 @@ class DiscordEmulator:
             member["user"] = user.payload()
         return member
 
-    def _guild(self) -> JSON:
-        channels = [c for c in self.channels.values() if c["type"] == CHANNEL_TEXT]
+    def _guild_record(self, guild_id: int | None) -> EmulatedGuild:
+        try:
+            return self.guilds[guild_id or self.guild_id]
+        except KeyError:
+            raise ApiError(404, 10004, "Unknown Guild") from None
+
+    def _guild(self, guild_id: int | None = None) -> JSON:
+        guild = self._guild_record(guild_id)
+        own = [c for c in self.channels.values() if c.get("guild_id") == str(guild.id)]
         return {
-            "id": str(self.guild_id),
-            "name": "Test Guild",
+            "id": str(guild.id),
+            "name": guild.name,
             "icon": None,
-            "owner_id": str(self.owner.id),
+            "owner_id": str(guild.owner_id),
             "unavailable": False,
             "large": False,
-            "member_count": sum(not u.bot for u in self.users.values()) + 1,
+            "member_count": len(guild.member_ids),
             "joined_at": self._joined_at,
-            "roles": list(self.roles.values()),
-            "channels": channels,
-            "threads": [c for c in self.channels.values() if c["type"] == CHANNEL_PUBLIC_THREAD],
-            "members": [self._member(u) for u in self.users.values()],
+            "roles": [self.roles[r] for r in guild.role_ids],
+            "channels": [c for c in own if c["type"] == CHANNEL_TEXT],
+            "threads": [c for c in own if c["type"] == CHANNEL_PUBLIC_THREAD],
+            "members": [self._member(self.users[u], guild_id=guild.id) for u in guild.member_ids],
             "emojis": [],
             "stickers": [],
             "features": [],
@@ -961,7 +1061,7 @@ class DiscordEmulator:
             "stage_instances": [],
             "guild_scheduled_events": [],
             "soundboard_sounds": [],
-            "system_channel_id": str(self.channel_id),
+            "system_channel_id": str(guild.system_channel_id),
             "afk_channel_id": None,
             "afk_timeout": 300,
             "verification_level": 0,
@@ -1061,7 +1161,7 @@ class DiscordEmulator:
         if "guild_id" in channel:
             author = self.users.get(int(data["author"]["id"]))
             if author is not None:
-                event["member"] = self._member(author, with_user=False)
+                event["member"] = self._member(author, with_user=False, guild_id=int(channel["guild_id"]))
         else:
             event["channel_type"] = channel["type"]
         return event
@@ -1090,8 +1190,11 @@ class DiscordEmulator:
             return {"name": name, "type": 11, "value": attachment["id"]}
         if isinstance(value, EmulatedUser):
             resolved.setdefault("users", {})[str(value.id)] = value.payload()
-            if self._guild_of(channel_id):
-                member = {**self._member(value, with_user=False), "permissions": str(self.permissions_of(value))}
+            if guild_id := self._guild_of(channel_id):
+                member = {
+                    **self._member(value, with_user=False, guild_id=guild_id),
+                    "permissions": str(self.permissions_of(value, guild_id)),
+                }
                 resolved.setdefault("members", {})[str(value.id)] = member
             return {"name": name, "type": 6, "value": str(value.id)}
         if spec is not None:
@@ -1137,7 +1240,7 @@ class DiscordEmulator:
             "attachment_size_limit": ATTACHMENT_SIZE_LIMIT,
         }
         if guild_id:
-            member = {**self._member(user), "permissions": str(self.permissions_of(user))}
+            member = {**self._member(user, guild_id=guild_id), "permissions": str(self.permissions_of(user, guild_id))}
             payload.update(
                 guild_id=str(guild_id),
                 guild={"id": str(guild_id), "locale": "en-US", "features": []},
@@ -1292,8 +1395,8 @@ class DiscordEmulator:
         )
         self._apply_mentions(record, body.get("allowed_mentions"), creating=True)
         self.messages[record.id] = record
-        if self.echo_bot_messages and not flags & FLAG_EPHEMERAL and self.connected:
-            await self.dispatch("MESSAGE_CREATE", self._gateway_message(data, channel))
+        if self.echo_bot_messages and not flags & FLAG_EPHEMERAL:
+            await self._deliver("MESSAGE_CREATE", self._gateway_message(data, channel))
         return record
 
     async def _edit_bot_message(self, record: MessageRecord, body: JSON, files: Mapping[str, Upload]) -> None:
@@ -1320,18 +1423,18 @@ class DiscordEmulator:
         record.history.append(data["content"])
         record.component_history.append(list(data["components"]))
         self._apply_mentions(record, body.get("allowed_mentions"), creating=False)
-        if self.echo_bot_messages and not flags & FLAG_EPHEMERAL and self.connected:
-            await self.dispatch("MESSAGE_UPDATE", self._gateway_message(data, self.channels[record.channel_id]))
+        if self.echo_bot_messages and not flags & FLAG_EPHEMERAL:
+            await self._deliver("MESSAGE_UPDATE", self._gateway_message(data, self.channels[record.channel_id]))
 
     async def _delete(self, record: MessageRecord) -> None:
         if record.deleted:
             raise ApiError(404, 10008, "Unknown Message")
         record.deleted = True
-        if self.echo_bot_messages and not record.flags & FLAG_EPHEMERAL and self.connected:
+        if self.echo_bot_messages and not record.flags & FLAG_EPHEMERAL:
             event: JSON = {"id": str(record.id), "channel_id": str(record.channel_id)}
             if guild_id := self._guild_of(record.channel_id):
                 event["guild_id"] = str(guild_id)
-            await self.dispatch("MESSAGE_DELETE", event)
+            await self._deliver("MESSAGE_DELETE", event)
 
     def _take_edit_slot(self, key: str, *, webhook: bool) -> dict[str, str]:
         """Count one edit against the edit limit; raise a 429 over it, else return headers to announce."""
@@ -1478,7 +1581,12 @@ class DiscordEmulator:
 
     async def _get_gateway(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
         limits = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
-        return _json_response({"url": self.gateway_url, "shards": 1, "session_start_limit": limits})
+        # Discord recommends one shard per 1000 guilds (at least one); only /gateway/bot says so.
+        shards = max(1, -(-len(self.guilds) // 1000))
+        data: JSON = {"url": self.gateway_url}
+        if request.path.endswith("/bot"):
+            data.update(shards=shards, session_start_limit=limits)
+        return _json_response(data)
 
     async def _create_dm(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
         user = self.users.get(int(body["recipient_id"]))
@@ -1487,18 +1595,17 @@ class DiscordEmulator:
         return _json_response(self.channels[self.dm_channel(user)])
 
     async def _get_guild(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
-        if int(request.match_info["guild_id"]) != self.guild_id:
-            raise ApiError(404, 10004, "Unknown Guild")
-        guild = self._guild()
+        guild = self._guild(int(request.match_info["guild_id"]))
         for key in ("channels", "threads", "members", "voice_states", "presences"):
             guild.pop(key)
         return _json_response(guild)
 
     async def _get_member(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
         user = self.users.get(int(request.match_info["user_id"]))
-        if int(request.match_info["guild_id"]) != self.guild_id or user is None:
+        guild = self._guild_record(int(request.match_info["guild_id"]))
+        if user is None or user.id not in guild.member_ids:
             raise ApiError(404, 10007, "Unknown Member")
-        return _json_response(self._member(user))
+        return _json_response(self._member(user, guild_id=guild.id))
 
     async def _get_channel(self, request: web.Request, body: Any, files: Mapping[str, Upload]) -> web.Response:
         return _json_response(self._channel(int(request.match_info["channel_id"])))
@@ -1563,7 +1670,7 @@ class DiscordEmulator:
         if int(request.match_info["app_id"]) != self.application_id:
             raise ApiError(403, 50001, "Missing Access")
         guild = request.match_info.get("guild_id")
-        if guild is not None and int(guild) != self.guild_id:
+        if guild is not None and int(guild) not in self.guilds:
             raise ApiError(403, 50001, "Missing Access")
         return int(guild) if guild is not None else None
 
@@ -1736,7 +1843,7 @@ class DiscordEmulator:
         finally:
             self._connections.discard(conn)
             if conn.session_id:
-                self._sessions[conn.session_id] = conn.sequence
+                self._sessions[conn.session_id] = (conn.sequence, conn.shard)
             self._notify()
         return ws
 
@@ -1744,14 +1851,22 @@ class DiscordEmulator:
         if data.get("token") != self.token:
             await conn.ws.close(code=4004, message=b"Authentication failed.")
             return
+        shard = data.get("shard")
+        if shard is not None:
+            valid = isinstance(shard, list) and len(shard) == 2 and all(isinstance(n, int) for n in shard)
+            if not valid or not 0 <= shard[0] < shard[1]:
+                await conn.ws.close(code=4010, message=b"Invalid shard.")
+                return
+            conn.shard = (shard[0], shard[1])
         self.identify_count += 1
         self.intents = conn.intents = int(data.get("intents", 0))
         conn.session_id = secrets.token_hex(16)
         user = {**self.bot_user.payload(), "verified": True, "mfa_enabled": False, "email": None}
+        guild_ids = [g for g in self.guilds if conn.receives(g)]
         ready: JSON = {
             "v": 10,
             "user": user,
-            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "guilds": [{"id": str(g), "unavailable": True} for g in guild_ids],
             "session_id": conn.session_id,
             "session_type": "normal",
             "resume_gateway_url": self.gateway_url,
@@ -1763,10 +1878,11 @@ class DiscordEmulator:
             "geo_ordered_rtc_regions": [],
             "_trace": ["emulator"],
         }
-        if "shard" in data:
-            ready["shard"] = data["shard"]
+        if conn.shard is not None:
+            ready["shard"] = list(conn.shard)
         await conn.send(0, ready, "READY")
-        await conn.send(0, self._guild(), "GUILD_CREATE")
+        for guild_id in guild_ids:
+            await conn.send(0, self._guild(guild_id), "GUILD_CREATE")
 
     async def _resume(self, conn: _GatewayConnection, data: JSON) -> None:
         session_id = data.get("session_id")
@@ -1776,16 +1892,20 @@ class DiscordEmulator:
         self.resume_count += 1
         conn.session_id = session_id
         conn.intents = self.intents or 0
-        conn.sequence = max(self._sessions.pop(session_id), int(data.get("seq") or 0))
+        sequence, conn.shard = self._sessions.pop(session_id)
+        conn.sequence = max(sequence, int(data.get("seq") or 0))
         await conn.send(0, {"_trace": ["emulator"]}, "RESUMED")
 
     async def _send_member_chunk(self, conn: _GatewayConnection, data: JSON) -> None:
-        members = [self._member(u) for u in self.users.values()]
+        guild = self.guilds.get(int(data.get("guild_id") or self.guild_id))
+        if guild is None:
+            return
+        members = [self._member(self.users[u], guild_id=guild.id) for u in guild.member_ids]
         wanted = {int(u) for u in data.get("user_ids") or []}
         if wanted:
             members = [m for m in members if int(m["user"]["id"]) in wanted]
         chunk = {
-            "guild_id": str(self.guild_id),
+            "guild_id": str(guild.id),
             "members": members,
             "chunk_index": 0,
             "chunk_count": 1,
