@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from bot.engine import variants
 from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
@@ -18,9 +19,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EngineKind = Literal["genai", "genai-batching", "optimum"]
-# Engines that load a converted folder (what load_engine, `llava-bot chat` and the benchmark take).
-ENGINE_KINDS: tuple[EngineKind, ...] = ("genai", "genai-batching", "optimum")
+# The engines that load a converted folder, by the name config, the CLI and the benchmark use, as
+# "module:class". Adding an engine is one module in bot/engine/ and one line here; modules are imported only
+# when their engine is chosen, so the genai engines never import what optimum needs.
+ENGINES: dict[str, str] = {
+    "genai": "bot.engine.genai:GenaiEngine",
+    "genai-batching": "bot.engine.batching:BatchingEngine",
+    "optimum": "bot.engine.optimum:OptimumEngine",
+}
+ENGINE_KINDS: tuple[str, ...] = tuple(ENGINES)
 # The engine that streams from an OpenAI-compatible server instead; it needs no converted folder.
 REMOTE_KIND = "openai"
 BOT_ENGINE_KINDS: tuple[str, ...] = (*ENGINE_KINDS, REMOTE_KIND)
@@ -28,21 +35,13 @@ BOT_ENGINE_KINDS: tuple[str, ...] = (*ENGINE_KINDS, REMOTE_KIND)
 
 def load_engine(kind: str, folder: Path, device: str = "CPU", ov_config: dict[str, str] | None = None) -> Engine:
     """Load one precision folder with the named engine (blocking: call it off the event loop)."""
+    if kind not in ENGINES:
+        raise EngineError(f"Unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}.")
     if not variants.is_complete(folder):
         raise EngineError(f"Cannot load the model: {variants.describe_missing(folder)}.")
-    if kind == "genai":
-        from bot.engine.genai import GenaiEngine
-
-        return GenaiEngine(str(folder), device, ov_config)
-    if kind == "genai-batching":
-        from bot.engine.batching import BatchingEngine
-
-        return BatchingEngine(str(folder), device, ov_config)
-    if kind == "optimum":
-        from bot.engine.optimum import OptimumEngine
-
-        return OptimumEngine(str(folder), device, ov_config)
-    raise EngineError(f"Unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}.")
+    module_name, class_name = ENGINES[kind].split(":")
+    engine_class: type[Engine] = getattr(importlib.import_module(module_name), class_name)
+    return engine_class(str(folder), device, ov_config)
 
 
 class ModelManager:
