@@ -47,7 +47,7 @@ async def running(tiny_llava: tuple[Path, Path], tmp_path_factory: pytest.TempPa
         old = StoredImage(data=png(seed=40) + b"old", mime="image/png", width=120, height=90)
         await stored_long_ago(url, emulator.channel_id, "asked long ago", old, days=45)
         await stored_long_ago(url, emulator.second_channel_id, "asked lately", None, days=2)
-        config = {
+        config: dict[str, dict[str, object]] = {
             "discord": {"message_content_intent": True},
             "chat": {"rate_limit": RATE, "retention_days": 30},
             "model": {"engine": "genai-batching"},
