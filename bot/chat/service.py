@@ -22,6 +22,7 @@ from bot.chat.scheduler import AlreadyAsking, QueueFull, Scheduler
 from bot.chat.stopping import RunningAnswer, RunningAnswers, Stopped, StopReason
 from bot.chat.streaming import ReplyStreamer
 from bot.engine.base import EngineError, GenerationSettings, with_source
+from bot.engine.lru import LruCache
 from bot.engine.manager import ModelManager
 from bot.store.history import HistoryStore, StoredImage, StoredTurn
 from bot.store.privacy import Removed
@@ -63,29 +64,6 @@ class Answer:
     completed: bool
 
 
-class _ImageCache:
-    """Decoded images by content hash: follow-ups reuse the picture without decoding it again."""
-
-    def __init__(self, size: int = 16) -> None:
-        self._size = size
-        self._items: OrderedDict[str, Image.Image] = OrderedDict()
-
-    def get(self, sha256: str) -> Image.Image | None:
-        image = self._items.get(sha256)
-        if image is not None:
-            self._items.move_to_end(sha256)
-        return image
-
-    def discard(self, sha256: str) -> None:
-        self._items.pop(sha256, None)
-
-    def put(self, sha256: str, image: Image.Image) -> None:
-        self._items[sha256] = image
-        self._items.move_to_end(sha256)
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
-
-
 class ChatService:
     """Answers questions with the channel's history; every failure ends in a sentence for the person."""
 
@@ -102,7 +80,8 @@ class ChatService:
         self.scheduler = scheduler
         self.settings = settings
         self.history_turns = history_turns
-        self._images = _ImageCache()
+        # Decoded images by content hash: follow-ups reuse the picture without decoding it again.
+        self._images: LruCache[str, Image.Image] = LruCache(16)
         # How often each channel was reset: an answer finishing after a reset must not be stored.
         self._resets: collections.Counter[int] = collections.Counter()
         # The same for each person's /forget: their answer in flight must not be stored after it.

@@ -6,13 +6,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from bot.engine import preprocess
-from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
+from bot.engine.base import EngineError, GenerationSettings, TextStream, Turn
 from bot.engine.template import ChatTemplate
+from bot.engine.threaded import ThreadedEngine
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +65,19 @@ def generation_config(settings: GenerationSettings) -> object:
     return config
 
 
-class GenaiEngine(Engine):
+class GenaiEngine(ThreadedEngine):
     """openvino-genai's VLMPipeline; one generation at a time, on a dedicated thread."""
 
     name = "genai"
 
     def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
-        super().__init__(model_dir, device, ov_config)
+        super().__init__(model_dir, device, ov_config, thread_name="genai")
         import openvino_genai
 
         self._genai = openvino_genai
         self.template = ChatTemplate(model_dir)
         self.pipeline = openvino_genai.VLMPipeline(model_dir, device, **self.ov_config)
         self._pre_crop = pre_crops(self.template)
-        # One worker: the pipeline holds one KV cache, so requests must take turns.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genai")
-
-    @property
-    def context_window(self) -> int:
-        return self.template.context_window
-
-    def count_prompt_tokens(self, conversation: Sequence[Turn]) -> int:
-        return self.template.count_tokens(conversation)
 
     def _config(self, settings: GenerationSettings) -> object:
         return generation_config(settings)
@@ -107,29 +98,16 @@ class GenaiEngine(Engine):
             stream.push(piece)
             return status.STOP if stream.cancelled else status.RUNNING
 
-        def work() -> None:
-            if stream.cancelled:  # cancelled while waiting for the worker
-                stream.finish()
-                return
-            stream.stats.started = time.monotonic()
-            try:
-                # Rendering and image conversion happen here too: they would otherwise stall the loop.
-                prompt, images = self.prompt(conversation)
-                result = self.pipeline.generate(prompt, images=images, generation_config=config, streamer=on_text)
-                metrics = result.perf_metrics
-                stream.stats.prompt_tokens = int(metrics.get_num_input_tokens())
-                stream.stats.new_tokens = int(metrics.get_num_generated_tokens())
-            except Exception as error:
-                log.exception("Generation failed in %s", self.model_dir)
-                stream.finish(EngineError(f"The model failed while answering ({error.__class__.__name__})."))
-                return
-            stream.stats.finished = time.monotonic()
-            stream.finish()
+        def generate() -> None:
+            # Rendering and image conversion happen here too: they would otherwise stall the loop.
+            prompt, images = self.prompt(conversation)
+            result = self.pipeline.generate(prompt, images=images, generation_config=config, streamer=on_text)
+            metrics = result.perf_metrics
+            stream.stats.prompt_tokens = int(metrics.get_num_input_tokens())
+            stream.stats.new_tokens = int(metrics.get_num_generated_tokens())
 
-        self._executor.submit(work)
+        self.run_alone(stream, generate)
         return stream
 
-    def close(self) -> None:
-        # Waits for the generation in progress (if any) so the model is never freed under it.
-        self._executor.shutdown(wait=True)
+    def release(self) -> None:
         self.pipeline = None

@@ -7,12 +7,12 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
+from bot.engine.base import EngineError, GenerationSettings, TextStream, Turn
 from bot.engine.extras import convert_extra_missing
 from bot.engine.template import ChatTemplate
+from bot.engine.threaded import ThreadedEngine
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,13 @@ def _fix_llava_next_grid_order(model: Any) -> None:
     model.pack_image_features = pack_image_features
 
 
-class OptimumEngine(Engine):
+class OptimumEngine(ThreadedEngine):
     """Optimum Intel's pipeline: one stateful infer request, so one generation at a time."""
 
     name = "optimum"
 
     def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
-        super().__init__(model_dir, device, ov_config)
+        super().__init__(model_dir, device, ov_config, thread_name="optimum")
         problem = convert_extra_missing("The optimum engine")
         if problem:
             raise EngineError(problem)
@@ -68,14 +68,6 @@ class OptimumEngine(Engine):
         )
         if self.template.model_type == "llava_next":
             _fix_llava_next_grid_order(self.model)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optimum")
-
-    @property
-    def context_window(self) -> int:
-        return self.template.context_window
-
-    def count_prompt_tokens(self, conversation: Sequence[Turn]) -> int:
-        return self.template.count_tokens(conversation)
 
     def generate(self, conversation: Sequence[Turn], settings: GenerationSettings) -> TextStream:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
@@ -112,28 +104,15 @@ class OptimumEngine(Engine):
         if settings.ignore_eos:
             kwargs["min_new_tokens"] = settings.max_new_tokens
 
-        def work() -> None:
-            if stream.cancelled:
-                stream.finish()
-                return
-            stream.stats.started = time.monotonic()
-            try:
-                # Image preprocessing runs here, off the event loop.
-                text, images = self.template.render(conversation)
-                inputs = self.processor(images=images or None, text=text, return_tensors="pt")
-                stream.stats.prompt_tokens = int(inputs["input_ids"].shape[-1])
-                self.model.generate(**inputs, **kwargs)
-            except Exception as error:
-                log.exception("Generation failed in %s", self.model_dir)
-                stream.finish(EngineError(f"The model failed while answering ({error.__class__.__name__})."))
-                return
-            stream.stats.finished = time.monotonic()
-            stream.finish()
+        def generate() -> None:
+            # Image preprocessing runs here, off the event loop.
+            text, images = self.template.render(conversation)
+            inputs = self.processor(images=images or None, text=text, return_tensors="pt")
+            stream.stats.prompt_tokens = int(inputs["input_ids"].shape[-1])
+            self.model.generate(**inputs, **kwargs)
 
-        self._executor.submit(work)
+        self.run_alone(stream, generate)
         return stream
 
-    def close(self) -> None:
-        # Waits for the generation in progress (if any) so the model is never freed under it.
-        self._executor.shutdown(wait=True)
+    def release(self) -> None:
         self.model = None
