@@ -57,7 +57,7 @@ async def pair(
     database_url = await postgres.new_database()
     async with DiscordEmulator() as emulator:
         people = [emulator.user, emulator.other_user, emulator.admin]
-        channels = {}
+        channels: dict[int, int] = {}
         for shard in (0, 1):
             guild = emulator.add_guild(
                 f"On shard {shard}", guild_id=emulator.snowflake_on_shard(shard, 2), members=people
