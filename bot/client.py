@@ -26,6 +26,7 @@ from bot.loopwatch import LoopWatch
 from bot.store.db import create_engine, session_factory, upgrade
 from bot.store.history import HistoryStore
 from bot.store.replies import ReplyStore
+from bot.store.shared import QUESTION_TTL, SharedRules
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class LlavaBot(commands.Bot):
     chat: ChatService
     http_session: aiohttp.ClientSession
     db_engine: AsyncEngine
+    rules: SharedRules
 
     def __init__(self, config: Config, **options: Any) -> None:
         # Message Content is a privileged intent the bot needs only for replies to other people's pictures:
@@ -66,6 +68,7 @@ class LlavaBot(commands.Bot):
         self.answers = AnswerTasks()
         self._cut_short = asyncio.Event()
         self._shutdown: asyncio.Task[None] | None = None
+        self._keep_claims: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         config = self.config
@@ -93,7 +96,12 @@ class LlavaBot(commands.Bot):
             max_new_tokens=model.max_new_tokens, temperature=model.temperature, top_p=model.top_p
         )
         scheduler = Scheduler(max_queue=config.chat.max_queue, concurrency=self.models.concurrency)
-        self.chat = ChatService(self.store, self.models, scheduler, settings, config.chat.history_turns)
+        self.rules = SharedRules(session_factory(self.db_engine))
+        await self.rules.clear_expired()
+        self._keep_claims = asyncio.create_task(keep_claims(self.rules), name="keep-claims")
+        self.chat = ChatService(
+            self.store, self.models, scheduler, settings, config.chat.history_turns, rules=self.rules
+        )
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
@@ -166,6 +174,8 @@ class LlavaBot(commands.Bot):
             await self.models.close()
         if hasattr(self, "http_session"):
             await self.http_session.close()
+        if self._keep_claims is not None:
+            self._keep_claims.cancel()
         if hasattr(self, "db_engine"):
             await self.db_engine.dispose()
         await self.loop_watch.stop()
@@ -185,6 +195,16 @@ def make_bot(config: Config, **options: Any) -> LlavaBot:
     ids = list(shards.shard_ids) or None
     log.info("Running shards %s of %d", ids or f"0-{shards.shard_count - 1}", shards.shard_count)
     return ShardedLlavaBot(config, shard_count=shards.shard_count, shard_ids=ids, **options)
+
+
+async def keep_claims(rules: SharedRules) -> None:
+    """Keep this process's questions claimed in the database while it lives (a crash lets them lapse)."""
+    while True:
+        await asyncio.sleep(QUESTION_TTL / 3)
+        try:
+            await rules.refresh()
+        except Exception:
+            log.exception("Could not refresh the questions this process is answering")
 
 
 def point_at(config: Config) -> None:

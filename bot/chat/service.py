@@ -11,6 +11,7 @@ import collections
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from bot.engine.lru import LruCache
 from bot.engine.manager import ModelManager
 from bot.store.history import HistoryStore, StoredImage, StoredTurn
 from bot.store.privacy import Removed
+from bot.store.shared import Generations, SharedRules
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ DROPPED_NOTE = "\n-# Only the last {kept} messages of this channel's conversatio
 UNEXPECTED = "Something went wrong on my side while answering; the details were logged."
 STOPPED = "I was stopped before I could finish."
 DEFAULT_QUESTION = "Describe this image."
+
+# The settings key under which /precision saves the model's precision for every process of the database.
+PRECISION_SETTING = "precision"
 
 # Which question each recent answer answered, so that deleting a question also forgets its answer.
 REMEMBERED_ANSWERS = 10_000
@@ -53,6 +58,15 @@ class Question:
     message_id: int | None = None
     # A line shown after the answer (not stored), e.g. which attachments were not looked at.
     note: str = ""
+
+
+@dataclass(frozen=True)
+class _Since:
+    """What an answer began under: this process's counts of resets and forgets, and the database's."""
+
+    resets: int
+    forgets: int
+    shared: Generations | None
 
 
 @dataclass(frozen=True)
@@ -74,8 +88,12 @@ class ChatService:
         scheduler: Scheduler,
         settings: GenerationSettings,
         history_turns: int = 40,
+        *,
+        rules: SharedRules | None = None,
     ) -> None:
         self.store = store
+        # The rules that hold across every process of the database; without them, only within this one.
+        self.rules = rules
         self.models = models
         self.scheduler = scheduler
         self.settings = settings
@@ -91,6 +109,8 @@ class ChatService:
         self.running = RunningAnswers()
         # Question message id -> the stored answer turn's id.
         self._answer_turns: OrderedDict[int, int] = OrderedDict()
+        # The saved precision last acted on, so that a precision this process can't load is tried once.
+        self._precision_seen: str | None = None
 
     async def answer(self, question: Question, streamer: ReplyStreamer[Any]) -> Answer:
         """Queue the question, stream the answer into ``streamer`` and store both turns.
@@ -119,11 +139,13 @@ class ChatService:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 with running.interruptible():
+                    await stack.enter_async_context(self._person_lock(question))
                     await stack.enter_async_context(self.scheduler.slot(question.author_id, on_position=show_position))
                 return await self._generate(question, streamer, running)
         except Stopped as stopped:
             # Out of the slot first: the next question need not wait for the closing edit.
-            return await self._stopped(question, streamer, running, stopped.turn_id, stopped.resets)
+            since = stopped.since if isinstance(stopped.since, _Since) else None
+            return await self._stopped(question, streamer, running, stopped.turn_id, since)
         except (QueueFull, AlreadyAsking, EngineError) as error:
             log.info("Question in channel %s from %s not answered: %s", question.channel_id, question.author_id, error)
             await streamer.fail(str(error))
@@ -136,8 +158,8 @@ class ChatService:
         return Answer(streamer.text, self._ids(streamer), completed=False)
 
     async def _generate(self, question: Question, streamer: ReplyStreamer[Any], running: RunningAnswer) -> Answer:
-        resets = self._resets[question.channel_id]
-        forgets = self._forgets[question.author_id]
+        since = await self._since(question)
+        await self._follow_precision()
         prompt = await self._prompt(question)
         image = None
         if question.image is not None:
@@ -159,7 +181,7 @@ class ChatService:
                 async for piece in stream:
                     streamer.feed(piece)
         except Stopped as stopped:
-            stopped.turn_id, stopped.resets = turn_id, resets
+            stopped.turn_id, stopped.resets, stopped.since = turn_id, since.resets, since
             raise
         finally:
             stream.cancel()
@@ -167,16 +189,16 @@ class ChatService:
         dropped = DROPPED_NOTE.format(kept=kept) if prompt.dropped else ""
         completed = await streamer.finish(dropped + question.note)
         ids = self._ids(streamer)
-        if self._resets[question.channel_id] == resets and self._forgets[question.author_id] == forgets:
-            try:
-                answer_id = await self.store.add_assistant_turn(question.channel_id, streamer.text, message_ids=ids)
+        try:
+            answer_id = await self._store_answer(question, since, streamer.text, ids)
+            if answer_id is not None:
                 self._remember_answer(question, answer_id)
-            except Exception:
-                # The person already has the whole answer; only the channel's memory of it is lost.
-                log.exception("Storing the answer in channel %s failed", question.channel_id)
-        else:
-            # The question went with the reset (or /forget); an answer stored alone would bring it back.
-            log.info("Channel %s was reset while answering; the answer is not kept", question.channel_id)
+            else:
+                # The question went with the reset (or /forget); an answer stored alone would bring it back.
+                log.info("Channel %s was reset while answering; the answer is not kept", question.channel_id)
+        except Exception:
+            # The person already has the whole answer; only the channel's memory of it is lost.
+            log.exception("Storing the answer in channel %s failed", question.channel_id)
         stats = stream.stats
         log.info(
             "Answered in channel %s: %d prompt tokens, %d new tokens, first after %.2f s, %.1f tokens/s",
@@ -194,7 +216,7 @@ class ChatService:
         streamer: ReplyStreamer[Any],
         running: RunningAnswer,
         turn_id: int | None,
-        resets: int = 0,
+        since: _Since | None = None,
     ) -> Answer:
         """End a stopped answer: close the reply with a note and keep only what the reason allows.
 
@@ -209,9 +231,10 @@ class ChatService:
         try:
             if turn_id is not None and not keep:
                 await self._delete_turns([turn_id])
-            elif turn_id is not None and self._resets[question.channel_id] == resets:
-                answer_id = await self.store.add_assistant_turn(question.channel_id, streamer.text, message_ids=ids)
-                self._remember_answer(question, answer_id)
+            elif turn_id is not None and since is not None:
+                answer_id = await self._store_answer(question, since, streamer.text, ids)
+                if answer_id is not None:
+                    self._remember_answer(question, answer_id)
         except Exception:
             log.exception("Updating the conversation of channel %s after a stop failed", question.channel_id)
         return Answer(streamer.text, ids, completed=False)
@@ -303,14 +326,68 @@ class ChatService:
         )
 
     async def reset(self, channel_id: int) -> int:
-        """Forget a channel's conversation; returns the number of turns removed."""
+        """Forget a channel's conversation; returns the number of turns removed.
+
+        An answer still being written for the channel, in this process or another, is not stored.
+        """
         self._resets[channel_id] += 1
+        if self.rules is not None:
+            await self.rules.bump_channel(channel_id)
         return await self.store.reset(channel_id)
 
     async def forget(self, author_id: int) -> Removed:
         """Delete everything one person stored, in every channel, including an answer being written now."""
         self._forgets[author_id] += 1
+        if self.rules is not None:
+            await self.rules.bump_author(author_id)
         return await self.store.forget_author(author_id)
+
+    @contextlib.asynccontextmanager
+    async def _person_lock(self, question: Question) -> AsyncIterator[None]:
+        """Hold the person's one question in the database for as long as it waits and runs."""
+        rules = self.rules
+        if rules is None:
+            yield
+            return
+        if not await rules.claim(question.author_id, question.channel_id):
+            raise AlreadyAsking()
+        try:
+            yield
+        finally:
+            try:
+                await asyncio.shield(rules.release(question.author_id))
+            except Exception:
+                # The claim lapses by itself once this process stops refreshing it.
+                log.exception("Could not release the question of %s", question.author_id)
+
+    async def _since(self, question: Question) -> _Since:
+        shared = await self.rules.current(question.channel_id, question.author_id) if self.rules else None
+        return _Since(self._resets[question.channel_id], self._forgets[question.author_id], shared)
+
+    async def _store_answer(self, question: Question, since: _Since, text: str, ids: tuple[int, ...]) -> int | None:
+        """Store the answer unless a /reset or /forget, here or in another process, came since it began."""
+        if since.resets != self._resets[question.channel_id] or since.forgets != self._forgets[question.author_id]:
+            return None
+        if self.rules is not None and since.shared is not None:
+            return await self.rules.add_answer_if_current(
+                question.channel_id, question.author_id, since.shared, text, message_ids=ids
+            )
+        return await self.store.add_assistant_turn(question.channel_id, text, message_ids=ids)
+
+    async def _follow_precision(self) -> None:
+        """Switch to the precision saved in the database when another process's /precision changed it."""
+        saved = await self.store.get_setting(PRECISION_SETTING)
+        if saved is None or saved == self._precision_seen:
+            return
+        self._precision_seen = saved
+        models = self.models
+        if saved == models.precision or saved not in models.available():
+            return
+        log.info("The saved precision changed to %s (by another process); switching from %s", saved, models.precision)
+        try:
+            await models.switch(saved)
+        except (EngineError, RuntimeError):
+            log.exception("Switching to the saved precision %s failed; staying at %s", saved, models.precision)
 
     @staticmethod
     def _ids(streamer: ReplyStreamer[Any]) -> tuple[int, ...]:

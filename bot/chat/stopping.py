@@ -46,13 +46,15 @@ class Stopped(Exception):
     """Raised inside an answer's task once it has been stopped.
 
     ``turn_id`` is the question's stored turn, if it was stored before the stop, and ``resets`` how
-    often the channel had been reset when it was.
+    often the channel had been reset when it was; ``since`` is what the answer began under (the chat
+    service's record of resets and forgets, here and in the database).
     """
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.turn_id: int | None = None
         self.resets = 0
+        self.since: object = None
 
 
 class RunningAnswer:

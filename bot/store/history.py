@@ -304,11 +304,16 @@ class HistoryStore:
                     await session.execute(changed)
 
     async def _add_turn(self, session: AsyncSession, turn: Turn, message_ids: Sequence[int]) -> int:
+        return await self.add_turn_in(session, turn, message_ids)
+
+    @classmethod
+    async def add_turn_in(cls, session: AsyncSession, turn: Turn, message_ids: Sequence[int]) -> int:
+        """Add ``turn`` and its message links inside the caller's transaction; returns the turn's id."""
         ids = _unique(message_ids)
         turn.message_ids = ids
         session.add(turn)
         await session.flush()
-        await self._index_messages(session, turn.id, ids, replace=False)
+        await cls._index_messages(session, turn.id, ids, replace=False)
         return turn.id
 
     @staticmethod

@@ -176,3 +176,37 @@ class OpenReply(Base):
     created_at: Mapped[datetime] = mapped_column(
         UTCDateTime, nullable=False, default=utcnow, server_default=func.current_timestamp()
     )
+
+
+class ActiveQuestion(Base):
+    """A person's question admitted by some bot process and not yet ended: one row per person at most.
+
+    The primary key is what makes "one question per person" hold across processes. The owning process
+    pushes ``expires_at`` forward while it lives, so a crashed process's rows lapse on their own.
+    """
+
+    __tablename__ = "active_questions"
+
+    author_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    # Which process holds it: host, pid and a random part, unique per run.
+    owner: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    channel_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    claimed_at: Mapped[datetime] = mapped_column(
+        UTCDateTime, nullable=False, default=utcnow, server_default=func.current_timestamp()
+    )
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class Generation(Base):
+    """How often a channel was reset (``scope`` "channel") or a person used /forget (``scope`` "author").
+
+    An answer remembers the numbers it started under and is stored only if they are unchanged, whichever
+    process ran the /reset or /forget.
+    """
+
+    __tablename__ = "generations"
+    __table_args__ = (CheckConstraint("scope IN ('channel', 'author')", name="scope"),)
+
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    value: Mapped[int] = mapped_column(Integer, nullable=False)
