@@ -60,7 +60,8 @@ def test_an_installed_wheel_migrates_its_database(wheel: Path, tmp_path: Path) -
             check=True, capture_output=True, text=True,
         ).stdout.strip()
     )  # fmt: skip
-    (site / "test-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    dependencies = [path for path in sys.path if path.endswith("site-packages")] or [sysconfig.get_path("purelib")]
+    (site / "test-dependencies.pth").write_text("\n".join(dependencies) + "\n")
     work = tmp_path / "work"  # not the checkout, so nothing can be imported from the sources
     work.mkdir()
     where = subprocess.run(

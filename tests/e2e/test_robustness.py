@@ -64,18 +64,14 @@ async def test_a_busy_bot_queues_refuses_politely_and_answers_everyone(
             first = await ask(emulator.channel_id, "alice", "Tell me about cats.")
             await emulator.wait_for(lambda: held.entered.is_set() and MARKER in reply_content(emulator, first), 30)
             second = await ask(emulator.second_channel_id, "bob", "Tell me about dogs.")
+            await emulator.wait_for(lambda: "position 1" in reply_content(emulator, second), 30)
             third = await ask(emulator.thread_id, "admin", "Tell me about birds.")
+            # The replies waiting in line show their places (and so are in line) before anyone else asks.
+            await emulator.wait_for(lambda: "position 2" in reply_content(emulator, third), 30)
             too_many = await ask(emulator.dm_channel(emulator.owner), "owner", "Tell me about fish.")
             again = await ask(emulator.dm_channel(emulator.user), "alice", "And about lions?")
             status = await emulator.slash_command("status", user=emulator.owner)
             status_text = (await wait_response(emulator, status, quiet=0.1))[0].content
-            # The replies waiting in line have shown their places before the model moves on.
-            await emulator.wait_for(
-                lambda: (
-                    "position 1" in reply_content(emulator, second) and "position 2" in reply_content(emulator, third)
-                ),
-                30,
-            )
         finally:
             held.release.set()
         answers = [await wait_answer(emulator, asked) for asked in (first, second, third)]

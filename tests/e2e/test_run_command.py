@@ -51,7 +51,7 @@ url = "sqlite+aiosqlite:///{tmp_path / "data" / "bot.sqlite3"}"
             timeout=60,
         )
         assert reply.content.strip()
-        assert {c["name"] for c in emulator.commands[None]} == {"ask", "reset", "precision", "status"}
+        assert {c["name"] for c in emulator.commands[None]} == {"ask", "reset", "precision", "status", "forget"}
     finally:
         process.send_signal(signal.SIGINT)
         _, stderr = await asyncio.wait_for(process.communicate(), 60)
