@@ -113,9 +113,7 @@ def check_model_dir(model_dir: Path, precisions: list[str]) -> list[str]:
     return usable
 
 
-def describe_model(
-    model_dir: Path, precisions: list[str], synthetic: bool, spec_name: str = DEFAULT_SPEC
-) -> ModelInfo:
+def describe_model(model_dir: Path, precisions: list[str], synthetic: bool, spec_name: str = DEFAULT_SPEC) -> ModelInfo:
     """What the report says about the model: family, image tokens, vocabulary and weight sizes."""
     model_dir = Path(model_dir)
     sizes = {}

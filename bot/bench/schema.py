@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from bot.bench.pairing import PairedRatio, PairedRun
+
 SCHEMA_VERSION = 1
 
 
@@ -84,6 +86,10 @@ class Settings:
     device: str
     ov_config: dict[str, str]
     quick: bool
+    # Rounds of paired runs (every engine and precision once per round); 0 when none were made.
+    pairs: int = 0
+    # The synthetic model's spec name, or None for a converted model given with --model.
+    model_spec: str | None = None
 
 
 @dataclass
@@ -171,13 +177,26 @@ class Target:
     comparison: str  # ">=" or "<="
     unit: str
     detail: str
+    # Spread of a ratio taken from paired runs (min-max over the pairs), shown beside the value.
+    spread: str | None = None
+    # Why the value may not count as meeting the goal (e.g. the paired runs saw different background load).
+    refused: str | None = None
+    # Why the goal is not judged on this model (it is about another one); the value is still reported.
+    not_applicable: str | None = None
 
     @property
-    def met(self) -> bool | None:
-        """Whether the measured value reaches the goal; None when it was not measured."""
+    def reached(self) -> bool | None:
+        """Whether the value is on the right side of the goal, whatever the conditions; None if unmeasured."""
         if self.value is None:
             return None
         return self.value >= self.goal if self.comparison == ">=" else self.value <= self.goal
+
+    @property
+    def met(self) -> bool | None:
+        """Met, not met, or None when not measured here; a refused value is never met."""
+        if self.reached is None or self.not_applicable:
+            return None
+        return self.reached and not self.refused
 
 
 @dataclass
@@ -193,6 +212,9 @@ class BenchResults:
     concurrency: list[ConcurrencyResult] = field(default_factory=list)
     bot: BotResult = field(default_factory=BotResult)
     targets: list[Target] = field(default_factory=list)
+    # Engines and precisions alternated run by run, and the ratios taken from neighbouring runs.
+    paired: list[PairedRun] = field(default_factory=list)
+    paired_ratios: list[PairedRatio] = field(default_factory=list)
     wall_time_s: float | None = None
     schema_version: int = SCHEMA_VERSION
 
@@ -204,4 +226,7 @@ class BenchResults:
         """A JSON-ready dict; targets carry their computed ``met`` too."""
         data = dataclasses.asdict(self)
         data["targets"] = [{**dataclasses.asdict(t), "met": t.met} for t in self.targets]
+        data["paired_ratios"] = [
+            {**dataclasses.asdict(r), "spread": r.spread, "load_ok": r.load_ok} for r in self.paired_ratios
+        ]
         return data
