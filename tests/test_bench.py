@@ -120,6 +120,25 @@ def test_bot_and_targets_are_reported(quick_run: tuple[Path, str]) -> None:
         assert target["name"] in printed
 
 
+def test_paired_runs_alternate_the_engines(quick_run: tuple[Path, str]) -> None:
+    out, printed = quick_run
+    data = json.loads((out / "results.json").read_text())
+    settings = data["settings"]
+    runs = data["paired"]
+    assert len(runs) == settings["pairs"] * len(settings["engines"])
+    # Run by run, the engines take turns.
+    assert [r["engine"] for r in runs] == settings["engines"] * settings["pairs"]
+    for run in runs:
+        assert run["error"] is None, run["error"]
+        assert _positive(run["decode_tokens_per_s"]) and run["foreign_cpu_share"] is not None
+    (ratio,) = data["paired_ratios"]
+    assert ratio["numerator"].startswith(settings["default_engine"]) and len(ratio["ratios"]) == settings["pairs"]
+    assert ratio["low"] <= ratio["median"] <= ratio["high"]
+    assert "Paired runs" in printed
+    bandwidth = data["bandwidth"]
+    assert _positive(bandwidth["aggregate_gb_per_s"]) and bandwidth["readers"] == data["machine"]["usable_cpus"]
+
+
 def test_decode_union_counts_overlapping_decoding_once() -> None:
     # Two generations decoding over the same second produce twice the tokens in that second.
     together = [Timing(0.0, 1.0, 2.0, 11, 5, ""), Timing(0.0, 1.0, 2.0, 11, 5, "")]
