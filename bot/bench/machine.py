@@ -1,15 +1,18 @@
-"""The computer a benchmark ran on, and how fast one core reads memory."""
+"""The computer a benchmark ran on, and how fast one core, and all cores together, read memory."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
 import logging
+import multiprocessing
 import os
 import platform
+import queue
 import resource
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,9 +134,74 @@ def measure_bandwidth(size_mib: int = 512, repeats: int = 5) -> Bandwidth:
     del data
     best = max(samples)
     log.info("single-thread read bandwidth %.1f GB/s (best of %d over %d MiB)", best, repeats, size_mib)
+    aggregate, aggregate_samples, readers = measure_aggregate_bandwidth(size_mib, repeats)
     return Bandwidth(
         gb_per_s=best,
         samples_gb_per_s=samples,
         array_mib=size_mib,
         method="numpy float64 sum, one thread, best run",
+        aggregate_gb_per_s=aggregate,
+        aggregate_samples_gb_per_s=aggregate_samples,
+        readers=readers,
     )
+
+
+def _reader(size_mib: int, repeats: int, barrier: Any, results: Any) -> None:
+    """One of the simultaneous readers: after each barrier, time one sum over its own array."""
+    data = np.ones(size_mib * 2**20 // 8, dtype=np.float64)
+    spans = []
+    for _ in range(repeats):
+        barrier.wait()
+        # CLOCK_MONOTONIC is one clock for every process, so the parent can line the readers' spans up.
+        started = time.monotonic()
+        data.sum()
+        spans.append((started, time.monotonic()))
+    results.put((data.nbytes, spans))
+
+
+def aggregate_rates(reader_spans: list[tuple[int, list[tuple[float, float]]]]) -> list[float]:
+    """GB/s of every round: all readers' bytes over the time from the first start to the last end."""
+    rounds = min((len(spans) for _, spans in reader_spans), default=0)
+    rates = []
+    for index in range(rounds):
+        first = min(spans[index][0] for _, spans in reader_spans)
+        last = max(spans[index][1] for _, spans in reader_spans)
+        total = sum(nbytes for nbytes, _ in reader_spans)
+        if last > first:
+            rates.append(total / (last - first) / 1e9)
+    return rates
+
+
+def measure_aggregate_bandwidth(
+    size_mib: int = 512, repeats: int = 5, readers: int | None = None
+) -> tuple[float | None, list[float], int]:
+    """What all usable cores read together: (best GB/s, every round's GB/s, readers).
+
+    OpenVINO runs one inference thread per core, each streaming its share of the weights, so the decode bound
+    is set by what every core reads at once, which on most machines is well above one core's figure. One
+    process per core (not threads: numpy's sum holds the interpreter lock) reads its own array, and the rounds
+    start together behind a barrier. Returns no figure when the readers cannot be started.
+    """
+    count = readers or _usable_cores()
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(count)
+    results = context.Queue()
+    processes = [context.Process(target=_reader, args=(size_mib, repeats, barrier, results)) for _ in range(count)]
+    try:
+        for process in processes:
+            process.start()
+        # Generous: each reader allocates and reads size_mib a few times, which takes seconds, not minutes.
+        gathered = [results.get(timeout=300) for _ in processes]
+    except (OSError, RuntimeError, queue.Empty) as error:
+        log.warning("could not measure the aggregate read bandwidth with %d readers: %s", count, error)
+        return None, [], count
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    rates = aggregate_rates(gathered)
+    best = max(rates, default=None)
+    if best is not None:
+        log.info("aggregate read bandwidth %.1f GB/s with %d simultaneous readers", best, count)
+    return best, rates, count

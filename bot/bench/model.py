@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,33 @@ log = logging.getLogger(__name__)
 
 # Written once conversion finished; it names the spec, so a changed spec rebuilds the model.
 _STAMP = "bench-model.json"
+
+# The synthetic models ``--model-spec`` chooses from. "bench" is a small LLaVA-1.5 whose decoding is dominated
+# by per-token overhead; "7b-width" has two language-model layers of LLaVA-7B's exact widths, so each layer's
+# per-step work (and the bytes it reads) is the real model's, and decoding is bound by memory bandwidth.
+MODEL_SPECS = ("bench", "7b-width")
+DEFAULT_SPEC = "bench"
+
+
+def synthetic_spec(name: str) -> Any:
+    """The :class:`SyntheticSpec` named ``name`` (one of :data:`MODEL_SPECS`)."""
+    from bot.engine.synthetic import BENCH
+
+    if name == "bench":
+        return BENCH
+    if name == "7b-width":
+        # Vicuna-7B, LLaVA-1.5-7B's language model: full multi-head attention (32 KV heads). The vision tower
+        # stays BENCH's: it runs once per image, and decode speed is what this model is for.
+        return dataclasses.replace(
+            BENCH,
+            text_hidden=4096,
+            text_layers=2,
+            text_heads=32,
+            text_kv_heads=32,
+            text_intermediate=11008,
+            vocab_size=32000,
+        )
+    raise ValueError(f"unknown model spec {name!r}; choose one of {', '.join(MODEL_SPECS)}")
 
 
 class BenchModelError(RuntimeError):
@@ -85,7 +113,7 @@ def check_model_dir(model_dir: Path, precisions: list[str]) -> list[str]:
     return usable
 
 
-def describe_model(model_dir: Path, precisions: list[str], synthetic: bool) -> ModelInfo:
+def describe_model(model_dir: Path, precisions: list[str], synthetic: bool, spec_name: str = DEFAULT_SPEC) -> ModelInfo:
     """What the report says about the model: family, image tokens, vocabulary and weight sizes."""
     model_dir = Path(model_dir)
     sizes = {}
@@ -114,7 +142,7 @@ def describe_model(model_dir: Path, precisions: list[str], synthetic: bool) -> M
         parts.append(f"{image_tokens} image tokens")
     if text.get("vocab_size"):
         parts.append(f"{text['vocab_size'] // 1000}k vocab")
-    kind = "synthetic random-weight model (BENCH spec)" if synthetic else "converted model"
+    kind = f"synthetic random-weight model ({spec_name} spec)" if synthetic else "converted model"
     try:
         # The synthetic model's folder of precisions sits in the work dir, beside the stamp.
         parameters = json.loads((model_dir.parent / _STAMP).read_text()).get("parameters") if synthetic else None
@@ -129,6 +157,7 @@ def describe_model(model_dir: Path, precisions: list[str], synthetic: bool) -> M
         model_type=config.get("model_type"),
         image_tokens=image_tokens,
         vocab_size=text.get("vocab_size"),
+        hidden_size=text.get("hidden_size"),
         language_model_bytes=sizes,
     )
 
@@ -141,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="python -m bot.bench.model", description="Prepare the benchmark model.")
     parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--spec", choices=MODEL_SPECS, default=DEFAULT_SPEC, help="which synthetic model")
     parser.add_argument("--result", help='write {"folder": ...} as JSON here instead of printing the folder')
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -148,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    folder = prepare_synthetic(Path(args.work_dir))
+    folder = prepare_synthetic(Path(args.work_dir), synthetic_spec(args.spec))
     if args.result:
         Path(args.result).write_text(json.dumps({"folder": str(folder)}) + "\n")
     else:

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bot.bench.pairing import LOAD_GAP_LIMIT
 from bot.engine import variants
 
 DEFAULT_OUT = Path("bench-results")
@@ -17,6 +18,8 @@ class BenchOptions:
     """What to measure and how often. The defaults finish within about 15 minutes on 2 cores."""
 
     model: Path | None = None
+    # Which synthetic model to build when no --model is given: "bench" or "7b-width" (see bot.bench.model).
+    model_spec: str = "bench"
     work_dir: Path = DEFAULT_WORK_DIR
     out: Path = DEFAULT_OUT
     # Generations per measurement (median reported).
@@ -29,6 +32,12 @@ class BenchOptions:
     # and Discord answers are typically a few hundred tokens.
     concurrency_tokens: int = 256
     channels: tuple[int, ...] = (1, 2, 4)
+    # Rounds of paired runs: every engine and precision once per round, alternated run by run.
+    pairs: int = 3
+    # Paired runs differing by more than this share of the CPU in background load cannot meet a goal.
+    load_gap_limit: float = LOAD_GAP_LIMIT
+    # An earlier results.json to compare start-up time and peak memory with.
+    baseline: Path | None = None
     # None: every engine load_engine knows.
     engines: list[str] | None = None
     # None: the engine the bot uses by default plus any batching engine.
@@ -52,6 +61,7 @@ class BenchOptions:
             "follow_up_tokens": 4,
             "concurrency_tokens": 8,
             "channels": (1, 2),
+            "pairs": 2,
             "precisions": ["INT4"],
             "bandwidth_mib": 128,
             "quick": True,
@@ -66,9 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="folder holding FP16/INT8/INT4 made by `llava-bot convert` (default: a synthetic model)"
     )
     parser.add_argument(
+        "--model-spec",
+        choices=("bench", "7b-width"),
+        default="bench",
+        help="synthetic model to build: bench (~235M parameters) or 7b-width (2 layers of LLaVA-7B's widths)",
+    )
+    parser.add_argument(
         "--work-dir",
-        default=str(DEFAULT_WORK_DIR),
-        help=f"where the synthetic model is kept (default: {DEFAULT_WORK_DIR})",
+        help=f"where the synthetic model is kept (default: {DEFAULT_WORK_DIR}, or {DEFAULT_OUT}/model-SPEC)",
     )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default: {DEFAULT_OUT})")
     parser.add_argument("--runs", type=int, help="generations per measurement (default: 3, quick: 1)")
@@ -85,6 +100,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--precision", nargs="+", metavar="P", help="any of int4 int8 fp16 (default: all three)")
     parser.add_argument("--channels", type=int, nargs="+", metavar="N", help="concurrent conversations (1 2 4)")
+    parser.add_argument(
+        "--pairs", type=int, help="rounds of paired runs, engines alternated run by run (default: 3, quick: 2; 0: none)"
+    )
+    parser.add_argument(
+        "--load-gap",
+        type=float,
+        metavar="SHARE",
+        help=f"largest background-load difference (share of the CPU) between paired runs that may still meet a goal "
+        f"(default: {LOAD_GAP_LIMIT})",
+    )
+    parser.add_argument("--baseline", metavar="RESULTS_JSON", help="earlier results.json for start-up and memory goals")
     parser.add_argument("--device", default="CPU", help="OpenVINO device (default: CPU)")
     parser.add_argument("--ov-config", action="append", default=[], metavar="KEY=VALUE", help="OpenVINO property")
     parser.add_argument("--no-bot", action="store_true", help="skip the measurement through the whole bot")
@@ -93,9 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """Turn parsed arguments into options; raises ValueError with a sentence on a bad value."""
+    spec = args.model_spec
+    work_dir = args.work_dir or (DEFAULT_WORK_DIR if spec == "bench" else DEFAULT_OUT / f"model-{spec}")
     overrides: dict[str, object] = {
         "model": Path(args.model) if args.model else None,
-        "work_dir": Path(args.work_dir),
+        "model_spec": spec,
+        "work_dir": Path(work_dir),
+        "baseline": Path(args.baseline) if args.baseline else None,
         "out": Path(args.out),
         "device": args.device,
         "bot": not args.no_bot,
@@ -106,6 +136,14 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
             overrides[name] = value
+    if args.pairs is not None:
+        if args.pairs < 0:
+            raise ValueError("--pairs must be 0 or more")
+        overrides["pairs"] = args.pairs
+    if args.load_gap is not None:
+        if not 0 <= args.load_gap <= 1:
+            raise ValueError("--load-gap is a share of the CPU between 0 and 1")
+        overrides["load_gap_limit"] = args.load_gap
     if args.engines:
         overrides["engines"] = list(args.engines)
     if args.concurrency_engines:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bot.bench.schema import BenchResults, EngineResult, Target
+from bot.bench.schema import Bandwidth, BenchResults, EngineResult, Target
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ def _foreign(share: float | None, load: list[float] | None) -> str:
     return "; ".join(parts) or MISSING
 
 
+def _aggregate(bandwidth: Bandwidth | None) -> str:
+    if bandwidth is None or bandwidth.aggregate_gb_per_s is None:
+        return MISSING
+    text = f"{bandwidth.aggregate_gb_per_s:.1f} GB/s, {bandwidth.readers} readers at once"
+    if bandwidth.aggregate_gb_per_s < bandwidth.gb_per_s:
+        text += " (below one thread's: a neighbour held a core, so the bound uses one thread's figure)"
+    return text
+
+
 def _target_value(target: Target) -> str:
     if target.value is None:
         return "not measured"
@@ -63,18 +72,77 @@ def _target_value(target: Target) -> str:
         return f"{target.value * 100:.0f}%"
     if target.unit == "ms":
         return f"{target.value:.1f} ms"
+    if target.unit in ("s", "MiB"):
+        return f"{target.value:.2f} {target.unit}" if target.unit == "s" else f"{target.value:.0f} MiB"
     return f"{target.value:.2f}x"
 
 
 def _target_goal(target: Target) -> str:
     if target.unit == "%":
         return f"{target.comparison} {target.goal * 100:.0f}%"
-    if target.unit == "ms":
-        return f"{target.comparison} {target.goal:g} ms"
+    if target.unit in ("ms", "s", "MiB"):
+        return f"{target.comparison} {target.goal:g} {target.unit}"
     return f"{target.comparison} {target.goal:g}x"
 
 
-# Rows measured while other processes took more than this share of the CPU are marked in the table.
+def target_status(target: Target) -> str:
+    """met / **not met** / not measured, with the reason when a measured value is not judged or refused."""
+    if target.value is None:
+        return "not measured"
+    if target.not_applicable:
+        return f"not measured ({target.not_applicable})"
+    if target.met:
+        return "met"
+    if target.reached and target.refused:
+        return f"**not met**: {target.refused}, so the run cannot show it"
+    if target.refused:
+        return f"**not met** ({target.refused})"
+    return "**not met**"
+
+
+def _paired_section(results: BenchResults) -> list[str]:
+    if not results.paired:
+        return []
+    lines = [
+        "",
+        f"## Paired runs ({results.settings.pairs} round(s), engines and precisions alternated run by run)",
+        "",
+    ]
+    arms = list(dict.fromkeys((r.engine, r.precision) for r in results.paired))
+    rounds = sorted({r.round for r in results.paired})
+    header = ["engine", "precision", *[f"round {i + 1} tok/s (other load)" for i in rounds]]
+    rows = []
+    for engine, precision in arms:
+        cells = [engine, precision]
+        for index in rounds:
+            run = next(r for r in results.paired if (r.engine, r.precision, r.round) == (engine, precision, index))
+            if run.error:
+                cells.append("failed")
+                continue
+            load = MISSING if run.foreign_cpu_share is None else f"{run.foreign_cpu_share * 100:.0f}%"
+            cells.append(f"{_rate(run.decode_tokens_per_s)} ({load})")
+        rows.append(cells)
+    lines += _table(header, rows)
+    if results.paired_ratios:
+        lines += [""]
+        lines += _table(
+            ["ratio (decode tok/s)", "median", "min-max over pairs", "largest load gap in a pair"],
+            [
+                [
+                    f"{r.numerator} / {r.denominator}",
+                    MISSING if r.median is None else f"{r.median:.2f}x",
+                    r.spread,
+                    (MISSING if r.load_gap is None else f"{r.load_gap * 100:.0f}%")
+                    + ("" if r.load_ok else f" (over the {r.load_limit * 100:.0f}% limit: not judged)"),
+                ]
+                for r in results.paired_ratios
+            ],
+        )
+    return lines
+
+
+# Rows measured while other processes took more than this share of the CPU are marked in the table, and
+# cannot meet a goal.
 BUSY_SHARE = 0.10
 BUSY_MARK = "†"
 
@@ -118,6 +186,7 @@ def markdown(results: BenchResults) -> str:
             ["other load", _foreign(machine.foreign_cpu_share, machine.load_average)],
             ["software", versions],
             ["single-thread read bandwidth", MISSING if bandwidth is None else f"{bandwidth.gb_per_s:.1f} GB/s"],
+            ["aggregate read bandwidth (the bound)", _aggregate(bandwidth)],
             ["model", f"{model.description} ({model.path})"],
             [
                 "settings",
@@ -188,6 +257,7 @@ def markdown(results: BenchResults) -> str:
                 for p in concurrency.points
             ],
         )
+    lines += _paired_section(results)
     bot = results.bot
     lines += ["", "## Through the bot (loopback Discord emulator)", ""]
     if bot.status == "measured":
@@ -217,16 +287,8 @@ def markdown(results: BenchResults) -> str:
         lines.append(f"Not measured ({bot.status}): {bot.reason}")
     lines += ["", "## Targets", ""]
     lines += _table(
-        ["target", "measured", "goal", "met"],
-        [
-            [
-                t.name,
-                _target_value(t),
-                _target_goal(t),
-                MISSING if t.met is None else ("yes" if t.met else "**no**"),
-            ]
-            for t in results.targets
-        ],
+        ["target", "measured", "spread / note", "goal", "status"],
+        [[t.name, _target_value(t), t.spread or "", _target_goal(t), target_status(t)] for t in results.targets],
     )
     return "\n".join(lines) + "\n"
 

@@ -18,18 +18,17 @@ from typing import Any
 from bot.bench.machine import ForeignLoad, describe_machine, measure_bandwidth
 from bot.bench.model import BenchModelError, check_model_dir, describe_model
 from bot.bench.options import BenchOptions
+from bot.bench.pairing import Arm, PairedRun, paired_ratios, schedule
 from bot.bench.schema import (
-    Bandwidth,
     BenchResults,
     BotResult,
-    ConcurrencyPoint,
     ConcurrencyResult,
     EngineResult,
     ModelInfo,
     Settings,
 )
-from bot.bench.targets import compute_targets
-from bot.bench.workload import median
+from bot.bench.summary import apply_bandwidth, best_bandwidth, concurrency_result, fill_engine_result
+from bot.bench.targets import compute_targets, load_baseline
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +125,16 @@ class Runner:
         started = time.monotonic()
         try:
             prepared = run_module(
-                "bot.bench.model", ["--work-dir", str(options.work_dir)], self.logs / "model.log", 3600.0
+                "bot.bench.model",
+                ["--work-dir", str(options.work_dir), "--spec", options.model_spec],
+                self.logs / "model.log",
+                3600.0,
             )
         except WorkerError as error:
             raise BenchError(f"could not build and convert the benchmark model: {error}") from error
         folder = Path(prepared["folder"])
         log.info("benchmark model ready in %.0f s", time.monotonic() - started)
-        info = describe_model(folder, options.precisions, synthetic=True)
+        info = describe_model(folder, options.precisions, synthetic=True, spec_name=options.model_spec)
         return folder, list(options.precisions), info
 
     # --- one engine on one precision -----------------------------------------------------------------
@@ -216,6 +218,8 @@ class Runner:
                 device=options.device,
                 ov_config=dict(options.ov_config),
                 quick=options.quick,
+                pairs=options.pairs,
+                model_spec=None if options.model is not None else options.model_spec,
             ),
         )
         # Measured while nothing else runs: the engines' worker processes would compete for memory.
@@ -252,6 +256,8 @@ class Runner:
                     results.engines.append(result)
                     if concurrent:
                         results.concurrency.append(concurrency_result(engine, precision, options, measured))
+            if options.pairs:
+                self.measure_paired(results, folder, Path(scratch))
             if options.bot:
                 results.bot = self.measure_bot(folder, concurrency_precision, results, Path(scratch))
             else:
@@ -259,7 +265,7 @@ class Runner:
         # Measured again at the end and the better kept: a neighbour on a shared host can slow one measurement.
         results.bandwidth = best_bandwidth(results.bandwidth, measure_bandwidth(options.bandwidth_mib))
         apply_bandwidth(results)
-        results.targets = compute_targets(results)
+        results.targets = compute_targets(results, load_baseline(options.baseline))
         results.wall_time_s = time.monotonic() - started
         machine.foreign_cpu_share = foreign.share()
         if machine.foreign_cpu_share is not None and machine.foreign_cpu_share > 0.05:
@@ -269,6 +275,43 @@ class Runner:
                 machine.foreign_cpu_share * 100,
             )
         return results
+
+    # --- paired runs ------------------------------------------------------------------------------------
+    def paired_arms(self, precisions: list[str]) -> list[Arm]:
+        """Every engine on every precision, engines of one precision next to each other."""
+        return [Arm(engine, precision) for precision in precisions for engine in self.engines]
+
+    def measure_paired(self, results: BenchResults, folder: Path, scratch: Path) -> None:
+        """Alternate the engines and precisions run by run; record each run and the ratios of neighbours."""
+        options = self.options
+        arms = self.paired_arms(results.settings.precisions)
+        log.info("paired runs: %d round(s) of %s", options.pairs, ", ".join(a.label for a in arms))
+        for round_, arm in schedule(arms, options.pairs):
+            # One cache per arm, kept between rounds: after the first round every run starts warm, as a bot does.
+            cache = scratch / f"paired-{arm.engine}-{arm.precision}"
+            cache.mkdir(parents=True, exist_ok=True)
+            args = self._worker_args(arm.engine, folder / arm.precision, cache)
+            args += ["--measure", "--runs=1", f"--new-tokens={options.new_tokens}", "--follow-up-tokens=1"]
+            run = PairedRun(round=round_, engine=arm.engine, precision=arm.precision)
+            load = ForeignLoad()
+            try:
+                data = run_module("bot.bench.worker", args, self.logs / "paired.log", options.worker_timeout_s)
+                first = data["runs"][0]["new_image"]
+                run.decode_tokens_per_s = first["decode_tokens_per_s"]
+                run.ttft_new_image_s = first["ttft_s"]
+            except (WorkerError, KeyError, IndexError) as error:
+                log.error("paired run %d of %s failed: %s", round_ + 1, arm.label, error)
+                run.error = str(error)
+            run.foreign_cpu_share = load.share()
+            results.paired.append(run)
+            log.info(
+                "round %d, %s: %s tok/s, other processes %s",
+                round_ + 1,
+                arm.label,
+                "failed" if run.decode_tokens_per_s is None else f"{run.decode_tokens_per_s:.1f}",
+                "unknown" if run.foreign_cpu_share is None else f"{run.foreign_cpu_share * 100:.0f}%",
+            )
+        results.paired_ratios = paired_ratios(results.paired, arms, self.default_engine, options.load_gap_limit)
 
     def measure_bot(self, folder: Path, precision: str, results: BenchResults, scratch: Path) -> BotResult:
         """The whole bot through the loopback Discord emulator, in a process of its own."""
@@ -303,91 +346,6 @@ class Runner:
             if result.bot_tokens_per_s:
                 result.overhead_ratio = result.bot_tokens_per_s / raw.decode_tokens_per_s
         return result
-
-
-def fill_engine_result(
-    result: EngineResult,
-    *,
-    measured: dict[str, Any],
-    colds: list[dict[str, Any]],
-    warms: list[dict[str, Any]],
-    model: ModelInfo,
-) -> None:
-    """Summarise the processes of one engine and precision into ``result`` (medians, samples kept)."""
-    runs = measured.get("runs", [])
-    samples: dict[str, list[Any]] = {
-        "load_cold_s": [c["load_s"] for c in colds],
-        "load_warm_s": [w["load_s"] for w in warms],
-        "import_s": [p["import_s"] for p in colds + warms],
-        "peak_rss_cold_mb": [c["peak_rss_mb"] for c in colds],
-        "ttft_new_image_s": [r["new_image"]["ttft_s"] for r in runs],
-        "ttft_follow_up_s": [r["follow_up"]["ttft_s"] for r in runs],
-        "decode_tokens_per_s": [r["new_image"]["decode_tokens_per_s"] for r in runs],
-        "new_tokens": [r["new_image"]["new_tokens"] for r in runs],
-    }
-    result.samples = samples
-    result.load_cold_s = median(samples["load_cold_s"])
-    result.load_warm_s = median(samples["load_warm_s"])
-    result.import_s = median(samples["import_s"])
-    result.peak_rss_cold_mb = median(samples["peak_rss_cold_mb"])
-    result.ttft_new_image_s = median(samples["ttft_new_image_s"])
-    result.ttft_follow_up_s = median(samples["ttft_follow_up_s"])
-    result.decode_tokens_per_s = median(samples["decode_tokens_per_s"])
-    if runs:
-        result.prompt_tokens_new_image = runs[0]["new_image"]["prompt_tokens"] or None
-        result.prompt_tokens_follow_up = runs[0]["follow_up"]["prompt_tokens"] or None
-    result.peak_rss_mb = measured.get("peak_rss_mb")
-    result.loop_lag_p50_ms = measured.get("loop_lag_p50_ms")
-    result.loop_lag_p99_ms = measured.get("loop_lag_p99_ms")
-    result.language_model_bytes = model.language_model_bytes.get(result.precision)
-
-
-def apply_bandwidth(results: BenchResults) -> None:
-    """Set every result's bandwidth bound and the share of it that its decode speed reaches."""
-    if results.bandwidth is None:
-        return
-    for result in results.engines:
-        if not result.language_model_bytes:
-            continue
-        # Every decode step reads all language-model weights once (the token embedding table is a separate
-        # model of which one row is read), so memory bandwidth / weight bytes bounds the decode rate.
-        result.bandwidth_bound_tokens_per_s = results.bandwidth.gb_per_s * 1e9 / result.language_model_bytes
-        if result.decode_tokens_per_s:
-            result.bandwidth_fraction = result.decode_tokens_per_s / result.bandwidth_bound_tokens_per_s
-
-
-def concurrency_result(
-    engine: str, precision: str, options: BenchOptions, measured: dict[str, Any]
-) -> ConcurrencyResult:
-    """Medians over the repetitions of every channel count."""
-    result = ConcurrencyResult(engine, precision, options.concurrency_tokens)
-    result.peak_rss_mb = measured.get("peak_rss_concurrent_mb")
-    for entry in measured.get("concurrency", []):
-        reps = entry["reps"]
-        count = entry["channels"]
-        per_channel = [median([rep["ttft_s"][i] for rep in reps]) for i in range(count)]
-        point = ConcurrencyPoint(
-            channels=count,
-            aggregate_tokens_per_s=median([rep["aggregate_tokens_per_s"] for rep in reps]),
-            aggregate_decode_tokens_per_s=median([rep["aggregate_decode_tokens_per_s"] for rep in reps]),
-            wall_s=median([rep["wall_s"] for rep in reps]),
-            ttft_s=per_channel,
-            ttft_max_s=max((t for t in per_channel if t is not None), default=None),
-            loop_lag_p99_ms=median([rep["loop_lag_p99_ms"] for rep in reps]),
-            samples={key: [rep[key] for rep in reps] for key in reps[0]} if reps else {},
-        )
-        result.points.append(point)
-    return result
-
-
-def best_bandwidth(first: Bandwidth, second: Bandwidth) -> Bandwidth:
-    """One bandwidth from two measurements: the higher, with every sample kept."""
-    return Bandwidth(
-        gb_per_s=max(first.gb_per_s, second.gb_per_s),
-        samples_gb_per_s=first.samples_gb_per_s + second.samples_gb_per_s,
-        array_mib=first.array_mib,
-        method=f"{first.method}, measured at the start and at the end",
-    )
 
 
 def run_bench(options: BenchOptions) -> tuple[BenchResults, str]:
