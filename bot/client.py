@@ -167,6 +167,11 @@ class LlavaBot(commands.Bot):
             await self._shutdown
 
     async def close(self) -> None:
+        # Closing within guild_ready_timeout of connecting: discord.py's pending "ready" would otherwise fire
+        # on the closed client and fail with a traceback.
+        ready = getattr(self._connection, "_ready_task", None)
+        if ready is not None:
+            ready.cancel()
         for name in list(self.extensions):
             await self.unload_extension(name)
         await super().close()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy import CursorResult, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -42,6 +42,22 @@ AUTHOR = "author"
 def process_name() -> str:
     """A name for this process that no other process, here or on another host, shares."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def ended_here(owner: str) -> bool:
+    """Whether ``owner`` (a :func:`process_name`) was a process of this host that has since ended."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host's processes can only be judged by their claims expiring
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists, under another user
+    # The pid is in use: by that process, or by a newer one that reused it; the claims' expiry decides.
+    return False
 
 
 @dataclass(frozen=True)
@@ -121,11 +137,16 @@ class SharedRules:
             return _rowcount(result)
 
     async def clear_expired(self, now: datetime | None = None) -> int:
-        """Remove the claims of processes that stopped refreshing them; returns how many."""
+        """Remove the claims of processes that stopped refreshing them, and at once those of processes on
+        this host that no longer run (a crash and a quick restart must not lock people out until the claims
+        expire); returns how many."""
         async with self._sessions() as session, session.begin():
+            owners = set(await session.scalars(select(ActiveQuestion.owner).distinct()))
+            dead = [owner for owner in owners if owner != self.owner and ended_here(owner)]
+            stale = ActiveQuestion.expires_at <= (now or utcnow())
             result = await session.execute(
                 delete(ActiveQuestion)
-                .where(ActiveQuestion.expires_at <= (now or utcnow()))
+                .where(or_(stale, ActiveQuestion.owner.in_(dead)) if dead else stale)
                 .execution_options(synchronize_session=False)
             )
             cleared = _rowcount(result)

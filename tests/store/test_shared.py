@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -122,3 +124,20 @@ async def test_an_answer_racing_a_reset_never_outlives_it(
         await asyncio.gather(rules_a.add_answer_if_current(CHANNEL, PERSON, since, f"answer {attempt}"), reset())
         # Whichever came first, the reset leaves the channel empty: no answer without its question.
         assert await store.turns(CHANNEL) == [], attempt
+
+
+async def test_a_crashed_process_on_this_host_releases_its_claims_at_the_next_start(
+    engine: AsyncEngine, second_engine: AsyncEngine
+) -> None:
+    # A process of this host that has ended (kill -9, then a quick restart): its claim has not expired yet.
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await child.wait()
+    crashed = SharedRules(session_factory(engine), f"{socket.gethostname()}:{child.pid}:dead")
+    elsewhere = SharedRules(session_factory(engine), "another-host:1:cccc")
+    assert await crashed.claim(PERSON, CHANNEL)
+    assert await elsewhere.claim(OTHER, CHANNEL)
+
+    restarted = SharedRules(session_factory(second_engine))
+    assert await restarted.clear_expired() == 1
+    assert await restarted.claim(PERSON, CHANNEL), "the person is not locked out until the claim expires"
+    assert not await restarted.claim(OTHER, CHANNEL), "another host's live claim is kept"
