@@ -253,20 +253,6 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- bench ---------------------------------------------------------------------------------------
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Measure load time, latency, throughput and memory of every engine and precision; print the table."""
-    from bot.bench.options import options_from_args
-    from bot.bench.runner import BenchError, run_bench
-
-    try:
-        _, report = run_bench(options_from_args(args))
-    except (BenchError, ValueError) as error:
-        raise CliError(str(error)) from error
-    print(report, end="")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="llava-bot", description=__doc__)
@@ -308,12 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ov-config", action="append", default=[], metavar="KEY=VALUE", help="OpenVINO property")
     serve.add_argument("--api-key-env", metavar="VAR", help="require the key held by this environment variable")
     serve.set_defaults(func=cmd_serve)
-
-    from bot.bench.options import add_arguments as add_bench_arguments
-
-    bench = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__)
-    add_bench_arguments(bench)
-    bench.set_defaults(func=cmd_bench)
 
     db = sub.add_parser("db", help=cmd_db.__doc__, description=cmd_db.__doc__)
     db.add_argument("action", choices=("upgrade", "current"))

@@ -28,15 +28,15 @@ F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 def _cache_key(spec: object) -> str:
     """Rebuild the cached model whenever the builder or the converter changes."""
     digest = hashlib.sha256(repr(spec).encode())
-    for source in ("bot/engine/synthetic.py", "bot/engine/convert.py", "bot/engine/variants.py"):
+    for source in ("benchmarks/synthetic.py", "bot/engine/convert.py", "bot/engine/variants.py"):
         digest.update((ROOT / source).read_bytes())
     return digest.hexdigest()[:16]
 
 
 def converted_model(name: str, spec: object) -> tuple[Path, Path]:
     """Build the checkpoint for ``spec`` and convert it with the CLI; cached between runs."""
+    from benchmarks.synthetic import build_checkpoint
     from bot.engine import variants
-    from bot.engine.synthetic import build_checkpoint
 
     base = CACHE / f"{name}-{_cache_key(spec)}"
     checkpoint, out = base / "checkpoint", base / "ov"
@@ -57,7 +57,7 @@ def converted_model(name: str, spec: object) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_llava() -> tuple[Path, Path]:
     """(transformers checkpoint, folder holding FP16/INT8/INT4) of a tiny LLaVA-1.5-shaped model."""
-    from bot.engine.synthetic import TINY
+    from benchmarks.synthetic import TINY
 
     return converted_model("llava", TINY)
 
@@ -65,7 +65,7 @@ def tiny_llava() -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_llava_next() -> tuple[Path, Path]:
     """The same for a tiny LLaVA-NeXT (v1.6) model."""
-    from bot.engine.synthetic import TINY_NEXT
+    from benchmarks.synthetic import TINY_NEXT
 
     return converted_model("llava_next", TINY_NEXT)
 

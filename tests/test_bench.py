@@ -1,4 +1,4 @@
-"""`llava-bot bench --quick` on the tiny model: every report is written and its numbers make sense.
+"""`python -m benchmarks --quick` on the tiny model: every report is written and its numbers make sense.
 
 Speed itself is the benchmark's business, not a test's: nothing here compares a number with a goal.
 """
@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
-from bot.bench.machine import aggregate_rates
-from bot.bench.model import synthetic_spec
-from bot.bench.options import add_arguments, options_from_args
-from bot.bench.pairing import Arm, PairedRun, load_refusal, paired_ratio, paired_ratios, schedule
-from bot.bench.report import markdown, target_status
-from bot.bench.runner import default_engine
-from bot.bench.schema import Bandwidth, BenchResults, BotResult, Machine, ModelInfo, Settings, Target
-from bot.bench.targets import BASELINE_ENGINE, compute_targets
-from bot.bench.workload import Timing, decode_union_rate, percentile
+from benchmarks.machine import aggregate_rates
+from benchmarks.model import synthetic_spec
+from benchmarks.options import add_arguments, options_from_args
+from benchmarks.pairing import Arm, PairedRun, load_refusal, paired_ratio, paired_ratios, schedule
+from benchmarks.report import markdown, target_status
+from benchmarks.runner import default_engine
+from benchmarks.schema import Bandwidth, BenchResults, BotResult, Machine, ModelInfo, Settings, Target
+from benchmarks.targets import BASELINE_ENGINE, compute_targets
+from benchmarks.workload import Timing, decode_union_rate, percentile
 from tests.conftest import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +35,7 @@ def quick_run(tiny_llava: tuple[Path, Path], tmp_path_factory: pytest.TempPathFa
     # The default engine and the reference it is compared with are enough to produce every field; more engines
     # would only make the test slower.
     engines = list(dict.fromkeys([default_engine(), BASELINE_ENGINE]))
-    command = [sys.executable, "-m", "bot", "bench", "--quick", "--model", str(tiny_llava[1]), "--out", str(out)]
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--model", str(tiny_llava[1]), "--out", str(out)]
     done = subprocess.run(
         [*command, "--engines", *engines],
         cwd=ROOT,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from bot.engine.synthetic import IMAGE_ID, SPECIAL_TOKENS, TINY, TINY_NEXT, SyntheticSpec, build_checkpoint
+from benchmarks.synthetic import IMAGE_ID, SPECIAL_TOKENS, TINY, TINY_NEXT, SyntheticSpec, build_checkpoint
 
 
 @pytest.mark.parametrize("spec", [TINY, TINY_NEXT], ids=["llava", "llava_next"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.bench.options import BenchOptions
-from bot.bench.schema import Bandwidth, BenchResults, ConcurrencyPoint, ConcurrencyResult, EngineResult, ModelInfo
-from bot.bench.workload import median
+from benchmarks.options import BenchOptions
+from benchmarks.schema import Bandwidth, BenchResults, ConcurrencyPoint, ConcurrencyResult, EngineResult, ModelInfo
+from benchmarks.workload import median
 
 
 def fill_engine_result(

@@ -1,4 +1,4 @@
-"""The benchmark's settings and the ``llava-bot bench`` arguments that fill them (no heavy imports here)."""
+"""The benchmark's settings and the ``python -m benchmarks`` arguments that fill them (no heavy imports here)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bot.bench.pairing import LOAD_GAP_LIMIT
+from benchmarks.pairing import LOAD_GAP_LIMIT
 from bot.engine import variants
 
 DEFAULT_OUT = Path("bench-results")
@@ -18,7 +18,7 @@ class BenchOptions:
     """What to measure and how often. The defaults finish within about 15 minutes on 2 cores."""
 
     model: Path | None = None
-    # Which synthetic model to build when no --model is given: "bench" or "7b-width" (see bot.bench.model).
+    # Which synthetic model to build when no --model is given: "bench" or "7b-width" (see benchmarks.model).
     model_spec: str = "bench"
     work_dir: Path = DEFAULT_WORK_DIR
     out: Path = DEFAULT_OUT
@@ -71,7 +71,7 @@ class BenchOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``llava-bot bench`` options."""
+    """The ``python -m benchmarks`` options."""
     parser.add_argument(
         "--model", help="folder holding FP16/INT8/INT4 made by `llava-bot convert` (default: a synthetic model)"
     )

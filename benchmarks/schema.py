@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.bench.pairing import PairedRatio, PairedRun
+from benchmarks.pairing import PairedRatio, PairedRun
 
 SCHEMA_VERSION = 1
 
@@ -201,7 +201,7 @@ class Target:
 
 @dataclass
 class BenchResults:
-    """Everything one ``llava-bot bench`` run measured."""
+    """Everything one ``python -m benchmarks`` run measured."""
 
     date: str
     machine: Machine

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bot.bench.schema import Bandwidth, BenchResults, EngineResult, Target
+from benchmarks.schema import Bandwidth, BenchResults, EngineResult, Target
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def markdown(results: BenchResults) -> str:
     machine, settings, model = results.machine, results.settings, results.model
     versions = ", ".join(f"{name} {version}" for name, version in machine.versions.items() if version)
     bandwidth = results.bandwidth
-    lines = ["# llava-bot bench", ""]
+    lines = ["# python -m benchmarks", ""]
     lines += _table(
         ["run", ""],
         [
@@ -313,7 +313,7 @@ def write_chart(results: BenchResults, path: Path) -> bool:
     axes = figure.subplots(2, 3)
     machine = results.machine
     figure.suptitle(
-        f"llava-bot bench, {results.date[:16].replace('T', ' ')} UTC: {machine.cpu_model}, "
+        f"python -m benchmarks, {results.date[:16].replace('T', ' ')} UTC: {machine.cpu_model}, "
         f"{machine.usable_cpus} cores, {results.model.description}",
         fontsize="medium",
     )

@@ -1,6 +1,6 @@
 """Measure one engine on one precision folder, in a process of its own.
 
-Run as ``python -m bot.bench.worker --engine genai --folder models/x/INT4 --cache-dir DIR [--measure]``.
+Run as ``python -m benchmarks.worker --engine genai --folder models/x/INT4 --cache-dir DIR [--measure]``.
 Load time and peak memory are properties of a whole process, so the benchmark starts this module afresh for
 every sample of them: a compiled model, an allocator's high-water mark or a page cache of an earlier engine
 would otherwise leak into the next number. The result is one JSON object, printed on stdout or written to
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bot.bench.workload import (
+from benchmarks.workload import (
     FIRST_QUESTION,
     FOLLOW_UP_QUESTION,
     LoopLag,
@@ -257,7 +257,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The worker's arguments (the benchmark runner builds them; they are usable by hand too)."""
-    parser = argparse.ArgumentParser(prog="python -m bot.bench.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--engine", required=True, help="engine kind known to load_engine (genai, optimum, ...)")
     parser.add_argument("--folder", required=True, help="one precision folder, e.g. models/x/INT4")
     parser.add_argument("--cache-dir", required=True, help="OpenVINO compiled-model cache (CACHE_DIR)")
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m bot.bench.worker``."""
+    """Entry point of ``python -m benchmarks.worker``."""
     args = build_parser().parse_args(argv)
     args.ov_config_pairs = [tuple(pair.split("=", 1)) for pair in args.ov_config if "=" in pair]
     logging.basicConfig(

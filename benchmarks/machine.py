@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bot.bench.schema import Bandwidth, Machine
+from benchmarks.schema import Bandwidth, Machine
 
 log = logging.getLogger(__name__)
 

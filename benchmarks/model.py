@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bot.bench.schema import ModelInfo
+from benchmarks.schema import ModelInfo
 from bot.engine import variants
 from bot.engine.convert import LANGUAGE_MODEL
 
@@ -31,7 +31,7 @@ DEFAULT_SPEC = "bench"
 
 def synthetic_spec(name: str) -> Any:
     """The :class:`SyntheticSpec` named ``name`` (one of :data:`MODEL_SPECS`)."""
-    from bot.engine.synthetic import BENCH
+    from benchmarks.synthetic import BENCH
 
     if name == "bench":
         return BENCH
@@ -61,8 +61,8 @@ def prepare_synthetic(work_dir: Path, spec: Any = None) -> Path:
     tokenizer) and converted with the project's own ``convert``, exactly as a real release would be.
     A previous complete build of the same spec is reused.
     """
+    from benchmarks.synthetic import BENCH, build_checkpoint, parameter_count
     from bot.engine.convert import convert
-    from bot.engine.synthetic import BENCH, build_checkpoint, parameter_count
 
     spec = BENCH if spec is None else spec
     work_dir = Path(work_dir)
@@ -163,12 +163,12 @@ def describe_model(model_dir: Path, precisions: list[str], synthetic: bool, spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bot.bench.model --work-dir DIR``: prepare the synthetic model, print the folder of precisions.
+    """``python -m benchmarks.model --work-dir DIR``: prepare the synthetic model, print the folder of precisions.
 
     The benchmark runs this in a process of its own so that the gigabyte of PyTorch state that building and
     converting leave behind does not sit beside the measurements.
     """
-    parser = argparse.ArgumentParser(prog="python -m bot.bench.model", description="Prepare the benchmark model.")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.model", description="Prepare the benchmark model.")
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--spec", choices=MODEL_SPECS, default=DEFAULT_SPEC, help="which synthetic model")
     parser.add_argument("--result", help='write {"folder": ...} as JSON here instead of printing the folder')

@@ -1,6 +1,6 @@
 """The whole bot under measurement: a mention with a picture in, streamed message edits out.
 
-Run as ``python -m bot.bench.whole_bot --model-dir DIR --engine genai --precision INT4``. The real
+Run as ``python -m benchmarks.whole_bot --model-dir DIR --engine genai --precision INT4``. The real
 :class:`bot.client.LlavaBot` connects to the loopback Discord emulator of the test-suite
 (``tests/e2e/discord_emulator.py``, so a source checkout is needed) and answers questions the way it would
 on Discord; the numbers are what a person in the channel would see, plus what the bot costs the engine:
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import io
 import logging
 import os
@@ -26,12 +25,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bot.bench.workload import FIRST_QUESTION, LoopLag, emit_result, make_image, median, percentile
+from benchmarks.workload import FIRST_QUESTION, LoopLag, emit_result, make_image, median, percentile
 
 log = logging.getLogger(__name__)
 
-# The emulator lives with the tests, beside the package in a source checkout.
-_ROOT = Path(__file__).resolve().parents[2]
+# The emulator lives with the tests, beside this package in the source checkout.
+_ROOT = Path(__file__).resolve().parents[1]
 _EMULATOR = _ROOT / "tests" / "e2e" / "discord_emulator.py"
 _WARM_UP_SEED = 40_000
 _RUN_SEED = 50_000
@@ -41,16 +40,12 @@ _ANSWER_TIMEOUT_S = 900.0
 
 def bot_unavailable_reason() -> str | None:
     """Why the bot cannot be measured here, or None when it can."""
-    if importlib.util.find_spec("bot.client") is None:
-        return "bot/client.py does not exist yet"
     if not _EMULATOR.exists():
         return f"the loopback Discord emulator ({_EMULATOR.relative_to(_ROOT)}) is only in a source checkout"
     return None
 
 
 def _emulator_module() -> Any:
-    if str(_ROOT) not in sys.path:
-        sys.path.insert(0, str(_ROOT))
     import tests.e2e.discord_emulator as emulator
 
     return emulator
@@ -90,7 +85,7 @@ async def bench_bot(
 ) -> dict[str, Any]:
     """Ask the running bot ``runs`` questions, each with a new picture, after one unmeasured warm-up.
 
-    Returns the fields of :class:`bot.bench.schema.BotResult` (the raw engine speed and the ratio to it are
+    Returns the fields of :class:`benchmarks.schema.BotResult` (the raw engine speed and the ratio to it are
     filled in by the runner, which measured the engine alone).
     """
     from bot.client import LlavaBot
@@ -199,8 +194,8 @@ async def _ask(bot: Any, emulator: Any, runs: int) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m bot.bench.whole_bot``; writes the result as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m bot.bench.whole_bot", description=__doc__.splitlines()[0])
+    """Entry point of ``python -m benchmarks.whole_bot``; writes the result as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.whole_bot", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True, help="folder holding the precision folders")
     parser.add_argument("--engine", default="genai")
     parser.add_argument("--precision", default="INT4")

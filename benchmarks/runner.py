@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bot.bench.machine import ForeignLoad, describe_machine, measure_bandwidth
-from bot.bench.model import BenchModelError, check_model_dir, describe_model
-from bot.bench.options import BenchOptions
-from bot.bench.pairing import Arm, PairedRun, paired_ratios, schedule
-from bot.bench.schema import (
+from benchmarks.machine import ForeignLoad, describe_machine, measure_bandwidth
+from benchmarks.model import BenchModelError, check_model_dir, describe_model
+from benchmarks.options import BenchOptions
+from benchmarks.pairing import Arm, PairedRun, paired_ratios, schedule
+from benchmarks.schema import (
     BenchResults,
     BotResult,
     ConcurrencyResult,
@@ -27,8 +27,8 @@ from bot.bench.schema import (
     ModelInfo,
     Settings,
 )
-from bot.bench.summary import apply_bandwidth, best_bandwidth, concurrency_result, fill_engine_result
-from bot.bench.targets import compute_targets, load_baseline
+from benchmarks.summary import apply_bandwidth, best_bandwidth, concurrency_result, fill_engine_result
+from benchmarks.targets import compute_targets, load_baseline
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,18 @@ def known_engines() -> list[str]:
     return list(ENGINE_KINDS)
 
 
+# The source checkout holding this package (and the tests' Discord emulator that the bot row needs).
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
 def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     # The benchmark never downloads anything; a slow or absent network must not stall a measurement.
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("LLAVA_BOT_BENCH_LOG", "INFO")
+    # The measuring processes import this package from the checkout, wherever the bench was started.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH", "")]))
     return env
 
 
@@ -125,7 +131,7 @@ class Runner:
         started = time.monotonic()
         try:
             prepared = run_module(
-                "bot.bench.model",
+                "benchmarks.model",
                 ["--work-dir", str(options.work_dir), "--spec", options.model_spec],
                 self.logs / "model.log",
                 3600.0,
@@ -160,7 +166,7 @@ class Runner:
             cache.mkdir(parents=True)
             base = self._worker_args(engine, folder, cache)
             timeout = options.worker_timeout_s
-            cold = run_module("bot.bench.worker", base, log_path, timeout)
+            cold = run_module("benchmarks.worker", base, log_path, timeout)
             colds.append(cold)
             if index == 0:
                 extra = [
@@ -175,10 +181,10 @@ class Runner:
                         f"--concurrency-runs={options.runs}",
                         f"--concurrency-tokens={options.concurrency_tokens}",
                     ]
-                measured = run_module("bot.bench.worker", base + extra, log_path, timeout)
+                measured = run_module("benchmarks.worker", base + extra, log_path, timeout)
                 warms.append(measured)
             else:
-                warms.append(run_module("bot.bench.worker", base, log_path, timeout))
+                warms.append(run_module("benchmarks.worker", base, log_path, timeout))
             if not any(cache.iterdir()):
                 log.warning("%s on %s wrote nothing to its CACHE_DIR: warm starts cannot be faster", engine, precision)
             shutil.rmtree(cache, ignore_errors=True)
@@ -295,7 +301,7 @@ class Runner:
             run = PairedRun(round=round_, engine=arm.engine, precision=arm.precision)
             load = ForeignLoad()
             try:
-                data = run_module("bot.bench.worker", args, self.logs / "paired.log", options.worker_timeout_s)
+                data = run_module("benchmarks.worker", args, self.logs / "paired.log", options.worker_timeout_s)
                 first = data["runs"][0]["new_image"]
                 run.decode_tokens_per_s = first["decode_tokens_per_s"]
                 run.ttft_new_image_s = first["ttft_s"]
@@ -315,7 +321,7 @@ class Runner:
 
     def measure_bot(self, folder: Path, precision: str, results: BenchResults, scratch: Path) -> BotResult:
         """The whole bot through the loopback Discord emulator, in a process of its own."""
-        from bot.bench.whole_bot import bot_unavailable_reason
+        from benchmarks.whole_bot import bot_unavailable_reason
 
         reason = bot_unavailable_reason()
         if reason is not None:
@@ -336,7 +342,7 @@ class Runner:
             args += ["--ov-config", f"{key}={value}"]
         log.info("measuring %s on %s through the bot and the loopback Discord emulator", engine, precision)
         try:
-            data = run_module("bot.bench.whole_bot", args, self.logs / "bot.log", self.options.worker_timeout_s)
+            data = run_module("benchmarks.whole_bot", args, self.logs / "bot.log", self.options.worker_timeout_s)
         except WorkerError as error:
             log.error("the measurement through the bot failed: %s", error)
             return BotResult(status="failed", reason=str(error), engine=engine, precision=precision)
@@ -350,7 +356,7 @@ class Runner:
 
 def run_bench(options: BenchOptions) -> tuple[BenchResults, str]:
     """Run the benchmark and write its reports; returns the results and the Markdown report."""
-    from bot.bench.report import write_reports
+    from benchmarks.report import write_reports
 
     results = Runner(options).run()
     markdown = write_reports(results, options.out)

@@ -12,9 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-from bot.bench.pairing import Arm, PairedRatio, load_refusal
-from bot.bench.report import BUSY_SHARE
-from bot.bench.schema import BenchResults, EngineResult, Target
+from benchmarks.pairing import Arm, PairedRatio, load_refusal
+from benchmarks.report import BUSY_SHARE
+from benchmarks.schema import BenchResults, EngineResult, Target
 
 log = logging.getLogger(__name__)
 
