@@ -23,7 +23,7 @@ from bot.engine import variants
 from bot.engine.base import GenerationSettings
 from bot.engine.manager import REMOTE_KIND, ModelManager
 from bot.loopwatch import LoopWatch
-from bot.store.db import create_engine, session_factory, upgrade
+from bot.store.db import open_database, session_factory, upgrade
 from bot.store.history import HistoryStore
 from bot.store.replies import ReplyStore
 from bot.store.shared import QUESTION_TTL, SharedRules
@@ -73,7 +73,7 @@ class LlavaBot(commands.Bot):
     async def setup_hook(self) -> None:
         config = self.config
         await upgrade(config.database.url)
-        self.db_engine = create_engine(config.database.url)
+        self.db_engine = open_database(config.database.url)
         self.store = HistoryStore(session_factory(self.db_engine))
         self.replies = ReplyStore(session_factory(self.db_engine))
         self.http_session = aiohttp.ClientSession()

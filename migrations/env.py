@@ -14,7 +14,7 @@ from alembic import context
 from sqlalchemy import Connection, make_url
 
 from bot.store.db import create_migration_engine
-from bot.store.models import Base
+from bot.store.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -20,8 +20,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.cogs.replies import NO_PINGS
-from bot.store.models import utcnow
 from bot.store.privacy import Removed
+from bot.store.tables import utcnow
 
 if TYPE_CHECKING:
     from bot.client import LlavaBot

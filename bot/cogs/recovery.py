@@ -23,8 +23,8 @@ from discord.ext import commands
 from bot.chat.service import THINKING, WAITING
 from bot.chat.streaming import DEFAULT_MARKER, FAILURE_LINE
 from bot.cogs.replies import NO_PINGS
-from bot.store.models import utcnow
 from bot.store.replies import StoredReply
+from bot.store.tables import utcnow
 
 if TYPE_CHECKING:
     from bot.client import LlavaBot

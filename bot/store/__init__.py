@@ -5,10 +5,10 @@ Knows nothing about Discord or the model; ids are plain integers and images plai
 
 from bot.store.db import (
     alembic_config,
-    create_engine,
     current_revision,
     downgrade,
     head_revision,
+    open_database,
     session_factory,
     upgrade,
     upgrade_sync,
@@ -23,10 +23,10 @@ __all__ = [
     "StoredReply",
     "StoredTurn",
     "alembic_config",
-    "create_engine",
     "current_revision",
     "downgrade",
     "head_revision",
+    "open_database",
     "session_factory",
     "upgrade",
     "upgrade_sync",

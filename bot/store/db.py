@@ -78,8 +78,8 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
         cursor.close()
 
 
-def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
-    """Create the async engine for ``url``.
+def open_database(url: str | URL, *, echo: bool = False) -> AsyncEngine:
+    """Open the database at ``url``: the SQLAlchemy async engine (a connection pool), not an inference engine.
 
     For a SQLite file the parent folder is created, and every connection gets WAL journaling, a busy
     timeout and foreign-key enforcement. Transactions on SQLite keep the driver's default behaviour: a
@@ -112,7 +112,7 @@ def create_migration_engine(url: str | URL) -> AsyncEngine:
     DDL; it only needs the driver to stop managing transactions and SQLAlchemy to emit BEGIN.
     """
     url = make_url(url)
-    engine = create_engine(url)
+    engine = open_database(url)
     if _is_sqlite(url):
 
         def on_connect(dbapi_connection: Any, _connection_record: Any) -> None:
@@ -200,7 +200,7 @@ async def current_revision(url: str | URL) -> str | None:
     # Asking about a SQLite file that isn't there should not leave an empty one behind.
     if _is_missing_sqlite_file(url):
         return None
-    engine = create_engine(url)
+    engine = open_database(url)
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())

@@ -3,7 +3,7 @@
 Everything returned is plain frozen data, so callers never hold ORM objects bound to a closed session.
 Each method is one unit of work in its own session and transaction.
 
-On SQLite, a transaction only starts at its first write (see :func:`bot.store.db.create_engine`).
+On SQLite, a transaction only starts at its first write (see :func:`bot.store.db.open_database`).
 Methods that read in order to decide what to write therefore write first, so the read happens inside the
 transaction, under the write lock, and cannot be invalidated by another channel's commit.
 """
@@ -15,20 +15,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete, exists, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.engine.base import Role
 from bot.store import privacy
-from bot.store.models import Image, Setting, Turn, TurnMessage, utcnow
 from bot.store.privacy import Removed
+from bot.store.tables import ImageRow, SettingRow, TurnMessageRow, TurnRow, utcnow
 
 log = logging.getLogger(__name__)
-
-Role = Literal["user", "assistant"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class StoredTurn:
     created_at: datetime
 
 
-def _stored(turn: Turn) -> StoredTurn:
+def _stored(turn: TurnRow) -> StoredTurn:
     return StoredTurn(
         id=turn.id,
         role=cast(Role, turn.role),
@@ -82,7 +81,7 @@ def _rowcount(result: Any) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-def _upsert(session: AsyncSession, model: type[Image | Setting]) -> sqlite.Insert | postgresql.Insert | None:
+def _upsert(session: AsyncSession, model: type[ImageRow | SettingRow]) -> sqlite.Insert | postgresql.Insert | None:
     """An INSERT that can resolve key conflicts itself, on the backends that spell it the same way."""
     match session.get_bind().dialect.name:
         case "sqlite":
@@ -119,7 +118,7 @@ class HistoryStore:
                 await self._insert_image(session, image)
             return await self._add_turn(
                 session,
-                Turn(
+                TurnRow(
                     channel_id=channel_id,
                     role="user",
                     author_id=author_id,
@@ -133,7 +132,9 @@ class HistoryStore:
     async def add_assistant_turn(self, channel_id: int, text: str, *, message_ids: Sequence[int] = ()) -> int:
         """Append the bot's answer and return the turn's id."""
         async with self._sessions() as session, session.begin():
-            return await self._add_turn(session, Turn(channel_id=channel_id, role="assistant", text=text), message_ids)
+            return await self._add_turn(
+                session, TurnRow(channel_id=channel_id, role="assistant", text=text), message_ids
+            )
 
     async def set_message_ids(self, turn_id: int, message_ids: Sequence[int]) -> bool:
         """Replace the Discord messages of a turn, e.g. once a long answer has been split.
@@ -143,8 +144,8 @@ class HistoryStore:
         ids = _unique(message_ids)
         async with self._sessions() as session, session.begin():
             result = await session.execute(
-                update(Turn)
-                .where(Turn.id == turn_id)
+                update(TurnRow)
+                .where(TurnRow.id == turn_id)
                 .values(message_ids=ids)
                 .execution_options(synchronize_session=False)
             )
@@ -157,7 +158,7 @@ class HistoryStore:
         """The channel's turns, oldest first; with ``limit``, only the most recent ``limit`` of them."""
         if limit is not None and limit <= 0:
             return []
-        query = select(Turn).where(Turn.channel_id == channel_id).order_by(Turn.id.desc())
+        query = select(TurnRow).where(TurnRow.channel_id == channel_id).order_by(TurnRow.id.desc())
         if limit is not None:
             query = query.limit(limit)
         async with self._sessions() as session:
@@ -169,9 +170,9 @@ class HistoryStore:
 
         This is how a reply to one of the bot's answers is recognised.
         """
-        query = select(Turn).join(TurnMessage, TurnMessage.turn_id == Turn.id)
+        query = select(TurnRow).join(TurnMessageRow, TurnMessageRow.turn_id == TurnRow.id)
         async with self._sessions() as session:
-            turn = await session.scalar(query.where(TurnMessage.message_id == message_id))
+            turn = await session.scalar(query.where(TurnMessageRow.message_id == message_id))
         return _stored(turn) if turn is not None else None
 
     async def reset(self, channel_id: int) -> int:
@@ -179,33 +180,33 @@ class HistoryStore:
 
         Images that no turn refers to any more are deleted with it.
         """
-        channel_turns = select(Turn.id).where(Turn.channel_id == channel_id)
+        channel_turns = select(TurnRow.id).where(TurnRow.channel_id == channel_id)
         async with self._sessions() as session, session.begin():
             # Written first, so the image query below already runs under the write lock.
             await session.execute(
-                delete(TurnMessage)
-                .where(TurnMessage.turn_id.in_(channel_turns))
+                delete(TurnMessageRow)
+                .where(TurnMessageRow.turn_id.in_(channel_turns))
                 .execution_options(synchronize_session=False)
             )
             images = set(
                 await session.scalars(
-                    select(Turn.image_sha256)
-                    .where(Turn.channel_id == channel_id, Turn.image_sha256.is_not(None))
+                    select(TurnRow.image_sha256)
+                    .where(TurnRow.channel_id == channel_id, TurnRow.image_sha256.is_not(None))
                     .distinct()
                 )
             )
             removed = _rowcount(
                 await session.execute(
-                    delete(Turn).where(Turn.channel_id == channel_id).execution_options(synchronize_session=False)
+                    delete(TurnRow).where(TurnRow.channel_id == channel_id).execution_options(synchronize_session=False)
                 )
             )
             collected = 0
             if images:
-                still_used = exists().where(Turn.image_sha256 == Image.sha256)
+                still_used = exists().where(TurnRow.image_sha256 == ImageRow.sha256)
                 collected = _rowcount(
                     await session.execute(
-                        delete(Image)
-                        .where(Image.sha256.in_(images), ~still_used)
+                        delete(ImageRow)
+                        .where(ImageRow.sha256.in_(images), ~still_used)
                         .execution_options(synchronize_session=False)
                     )
                 )
@@ -232,23 +233,29 @@ class HistoryStore:
         async with self._sessions() as session, session.begin():
             # Written first, so the image query below already runs under the write lock.
             await session.execute(
-                delete(TurnMessage).where(TurnMessage.turn_id.in_(ids)).execution_options(synchronize_session=False)
+                delete(TurnMessageRow)
+                .where(TurnMessageRow.turn_id.in_(ids))
+                .execution_options(synchronize_session=False)
             )
             images = set(
                 await session.scalars(
-                    select(Turn.image_sha256).where(Turn.id.in_(ids), Turn.image_sha256.is_not(None)).distinct()
+                    select(TurnRow.image_sha256)
+                    .where(TurnRow.id.in_(ids), TurnRow.image_sha256.is_not(None))
+                    .distinct()
                 )
             )
             removed = _rowcount(
-                await session.execute(delete(Turn).where(Turn.id.in_(ids)).execution_options(synchronize_session=False))
+                await session.execute(
+                    delete(TurnRow).where(TurnRow.id.in_(ids)).execution_options(synchronize_session=False)
+                )
             )
             collected: list[str] = []
             if images:
-                still_used = exists().where(Turn.image_sha256 == Image.sha256)
-                orphans = select(Image.sha256).where(Image.sha256.in_(images), ~still_used)
+                still_used = exists().where(TurnRow.image_sha256 == ImageRow.sha256)
+                orphans = select(ImageRow.sha256).where(ImageRow.sha256.in_(images), ~still_used)
                 collected = list(await session.scalars(orphans))
                 await session.execute(
-                    delete(Image).where(Image.sha256.in_(collected)).execution_options(synchronize_session=False)
+                    delete(ImageRow).where(ImageRow.sha256.in_(collected)).execution_options(synchronize_session=False)
                 )
         log.info("Deleted %d turns and %d images", removed, len(collected))
         return removed, collected
@@ -256,12 +263,12 @@ class HistoryStore:
     async def adjacent_turns(self, turn_id: int) -> tuple[StoredTurn | None, StoredTurn | None]:
         """The turns just before and just after ``turn_id`` in its channel (``None`` where there is none)."""
         async with self._sessions() as session:
-            turn = await session.get(Turn, turn_id)
+            turn = await session.get(TurnRow, turn_id)
             if turn is None:
                 return None, None
-            same_channel = select(Turn).where(Turn.channel_id == turn.channel_id)
-            before = await session.scalar(same_channel.where(Turn.id < turn_id).order_by(Turn.id.desc()).limit(1))
-            after = await session.scalar(same_channel.where(Turn.id > turn_id).order_by(Turn.id).limit(1))
+            same_channel = select(TurnRow).where(TurnRow.channel_id == turn.channel_id)
+            before = await session.scalar(same_channel.where(TurnRow.id < turn_id).order_by(TurnRow.id.desc()).limit(1))
+            after = await session.scalar(same_channel.where(TurnRow.id > turn_id).order_by(TurnRow.id).limit(1))
         return (_stored(before) if before else None), (_stored(after) if after else None)
 
     async def put_image(self, data: bytes, mime: str, width: int, height: int) -> str:
@@ -274,40 +281,40 @@ class HistoryStore:
     async def image_bytes(self, sha256: str) -> bytes | None:
         """The stored bytes of an image, or ``None`` if there is no such image."""
         async with self._sessions() as session:
-            return await session.scalar(select(Image.data).where(Image.sha256 == sha256))
+            return await session.scalar(select(ImageRow.data).where(ImageRow.sha256 == sha256))
 
     async def get_setting(self, key: str) -> str | None:
         """A bot-wide setting, or ``None`` if it was never set."""
         async with self._sessions() as session:
-            return await session.scalar(select(Setting.value).where(Setting.key == key))
+            return await session.scalar(select(SettingRow.value).where(SettingRow.key == key))
 
     async def set_setting(self, key: str, value: str) -> None:
         """Set a bot-wide setting, replacing any previous value."""
         async with self._sessions() as session, session.begin():
-            upsert = _upsert(session, Setting)
+            upsert = _upsert(session, SettingRow)
             if upsert is not None:
                 upsert = upsert.values(key=key, value=value, updated_at=utcnow())
                 await session.execute(
                     upsert.on_conflict_do_update(
-                        index_elements=[Setting.key],
+                        index_elements=[SettingRow.key],
                         set_={"value": upsert.excluded.value, "updated_at": upsert.excluded.updated_at},
                     )
                 )
                 return
-            changed = update(Setting).where(Setting.key == key).values(value=value, updated_at=utcnow())
+            changed = update(SettingRow).where(SettingRow.key == key).values(value=value, updated_at=utcnow())
             if _rowcount(await session.execute(changed)) == 0:
                 try:
                     async with session.begin_nested():
-                        await session.execute(insert(Setting).values(key=key, value=value))
+                        await session.execute(insert(SettingRow).values(key=key, value=value))
                 except IntegrityError:
                     # Another writer inserted the key first; ours is the later value.
                     await session.execute(changed)
 
-    async def _add_turn(self, session: AsyncSession, turn: Turn, message_ids: Sequence[int]) -> int:
+    async def _add_turn(self, session: AsyncSession, turn: TurnRow, message_ids: Sequence[int]) -> int:
         return await self.add_turn_in(session, turn, message_ids)
 
     @classmethod
-    async def add_turn_in(cls, session: AsyncSession, turn: Turn, message_ids: Sequence[int]) -> int:
+    async def add_turn_in(cls, session: AsyncSession, turn: TurnRow, message_ids: Sequence[int]) -> int:
         """Add ``turn`` and its message links inside the caller's transaction; returns the turn's id."""
         ids = _unique(message_ids)
         turn.message_ids = ids
@@ -320,14 +327,14 @@ class HistoryStore:
     async def _index_messages(session: AsyncSession, turn_id: int, message_ids: list[int], *, replace: bool) -> None:
         if not message_ids and not replace:
             return
-        owned = TurnMessage.message_id.in_(message_ids)
+        owned = TurnMessageRow.message_id.in_(message_ids)
         # A message belongs to one turn; should a caller hand the same id to a second turn, the newest
         # claim wins rather than the write failing.
-        stale = or_(TurnMessage.turn_id == turn_id, owned) if replace else owned
-        await session.execute(delete(TurnMessage).where(stale).execution_options(synchronize_session=False))
+        stale = or_(TurnMessageRow.turn_id == turn_id, owned) if replace else owned
+        await session.execute(delete(TurnMessageRow).where(stale).execution_options(synchronize_session=False))
         if message_ids:
             await session.execute(
-                insert(TurnMessage),
+                insert(TurnMessageRow),
                 [{"message_id": message_id, "turn_id": turn_id} for message_id in message_ids],
             )
 
@@ -340,15 +347,15 @@ class HistoryStore:
             "width": image.width,
             "height": image.height,
         }
-        upsert = _upsert(session, Image)
+        upsert = _upsert(session, ImageRow)
         if upsert is not None:
             # One statement, so concurrent writers of the same picture cannot both decide to insert it.
-            await session.execute(upsert.values(**values).on_conflict_do_nothing(index_elements=[Image.sha256]))
+            await session.execute(upsert.values(**values).on_conflict_do_nothing(index_elements=[ImageRow.sha256]))
             return
-        if await session.scalar(select(Image.sha256).where(Image.sha256 == image.sha256)) is not None:
+        if await session.scalar(select(ImageRow.sha256).where(ImageRow.sha256 == image.sha256)) is not None:
             return
         try:
             async with session.begin_nested():
-                await session.execute(insert(Image).values(**values))
+                await session.execute(insert(ImageRow).values(**values))
         except IntegrityError:
             log.debug("Image %s was stored concurrently", image.sha256)

@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement, CursorResult, delete, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
-from bot.store.models import Image, Turn, TurnMessage
+from bot.store.tables import ImageRow, TurnMessageRow, TurnRow
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +56,21 @@ async def _delete_turns(session: AsyncSession, turn_ids: Sequence[int]) -> int:
     removed = 0
     for batch in _batches(turn_ids):
         await session.execute(
-            delete(TurnMessage).where(TurnMessage.turn_id.in_(batch)).execution_options(synchronize_session=False)
+            delete(TurnMessageRow).where(TurnMessageRow.turn_id.in_(batch)).execution_options(synchronize_session=False)
         )
         result = await session.execute(
-            delete(Turn).where(Turn.id.in_(batch)).execution_options(synchronize_session=False)
+            delete(TurnRow).where(TurnRow.id.in_(batch)).execution_options(synchronize_session=False)
         )
         removed += _rowcount(result)
     return removed
 
 
 async def _delete_unused_images(session: AsyncSession, candidates: Iterable[str]) -> int:
-    still_used = exists().where(Turn.image_sha256 == Image.sha256)
+    still_used = exists().where(TurnRow.image_sha256 == ImageRow.sha256)
     removed = 0
     for batch in _batches(sorted(set(candidates))):
         result = await session.execute(
-            delete(Image).where(Image.sha256.in_(batch), ~still_used).execution_options(synchronize_session=False)
+            delete(ImageRow).where(ImageRow.sha256.in_(batch), ~still_used).execution_options(synchronize_session=False)
         )
         removed += _rowcount(result)
     return removed
@@ -78,27 +78,29 @@ async def _delete_unused_images(session: AsyncSession, candidates: Iterable[str]
 
 async def forget_author(sessions: async_sessionmaker[AsyncSession], author_id: int) -> Removed:
     """Delete every question ``author_id`` asked, in every channel, with the answers to them and their images."""
-    asked = (Turn.role == "user") & (Turn.author_id == author_id)
-    following = aliased(Turn)
+    asked = (TurnRow.role == "user") & (TurnRow.author_id == author_id)
+    following = aliased(TurnRow)
     next_turn = (
         select(func.min(following.id))
-        .where(following.channel_id == Turn.channel_id, following.id > Turn.id)
+        .where(following.channel_id == TurnRow.channel_id, following.id > TurnRow.id)
         .scalar_subquery()
     )
     async with sessions() as session, session.begin():
         # Written first, so the reads below already run under the write lock.
         await session.execute(
-            delete(TurnMessage)
-            .where(TurnMessage.turn_id.in_(select(Turn.id).where(asked)))
+            delete(TurnMessageRow)
+            .where(TurnMessageRow.turn_id.in_(select(TurnRow.id).where(asked)))
             .execution_options(synchronize_session=False)
         )
-        rows = (await session.execute(select(Turn.id, Turn.image_sha256, next_turn).where(asked))).all()
+        rows = (await session.execute(select(TurnRow.id, TurnRow.image_sha256, next_turn).where(asked))).all()
         questions = [row[0] for row in rows]
         images = {row[1] for row in rows if row[1] is not None}
         followers = [row[2] for row in rows if row[2] is not None]
         answers: list[int] = []
         for batch in _batches(followers):
-            answers += await session.scalars(select(Turn.id).where(Turn.id.in_(batch), Turn.role == "assistant"))
+            answers += await session.scalars(
+                select(TurnRow.id).where(TurnRow.id.in_(batch), TurnRow.role == "assistant")
+            )
         removed = Removed(
             questions=await _delete_turns(session, questions),
             answers=await _delete_turns(session, answers),
@@ -116,11 +118,13 @@ async def forget_author(sessions: async_sessionmaker[AsyncSession], author_id: i
 
 async def _leading_answers(session: AsyncSession, channels: Sequence[int]) -> list[int]:
     """Answers that now open their channel's history: their question is gone."""
-    earlier = aliased(Turn)
+    earlier = aliased(TurnRow)
     found: list[int] = []
     for batch in _batches(channels):
-        has_earlier: ColumnElement[bool] = exists().where(earlier.channel_id == Turn.channel_id, earlier.id < Turn.id)
-        query = select(Turn.id).where(Turn.channel_id.in_(batch), Turn.role == "assistant", ~has_earlier)
+        has_earlier: ColumnElement[bool] = exists().where(
+            earlier.channel_id == TurnRow.channel_id, earlier.id < TurnRow.id
+        )
+        query = select(TurnRow.id).where(TurnRow.channel_id.in_(batch), TurnRow.role == "assistant", ~has_earlier)
         found += await session.scalars(query)
     return found
 
@@ -133,25 +137,29 @@ async def delete_older_than(sessions: async_sessionmaker[AsyncSession], cutoff: 
     head of its channel (its question was older than the cutoff) goes too: a conversation must not open
     with an answer to nothing.
     """
-    old = Turn.created_at < cutoff
+    old = TurnRow.created_at < cutoff
     async with sessions() as session, session.begin():
         await session.execute(
-            delete(TurnMessage)
-            .where(TurnMessage.turn_id.in_(select(Turn.id).where(old)))
+            delete(TurnMessageRow)
+            .where(TurnMessageRow.turn_id.in_(select(TurnRow.id).where(old)))
             .execution_options(synchronize_session=False)
         )
-        channels = list(await session.scalars(select(Turn.channel_id).where(old).distinct()))
+        channels = list(await session.scalars(select(TurnRow.channel_id).where(old).distinct()))
         questions = _rowcount(
             await session.execute(
-                delete(Turn).where(old, Turn.role == "user").execution_options(synchronize_session=False)
+                delete(TurnRow).where(old, TurnRow.role == "user").execution_options(synchronize_session=False)
             )
         )
-        answers = _rowcount(await session.execute(delete(Turn).where(old).execution_options(synchronize_session=False)))
+        answers = _rowcount(
+            await session.execute(delete(TurnRow).where(old).execution_options(synchronize_session=False))
+        )
         answers += await _delete_turns(session, await _leading_answers(session, channels))
-        unused = ~exists().where(Turn.image_sha256 == Image.sha256)
+        unused = ~exists().where(TurnRow.image_sha256 == ImageRow.sha256)
         images = _rowcount(
             await session.execute(
-                delete(Image).where(Image.created_at < cutoff, unused).execution_options(synchronize_session=False)
+                delete(ImageRow)
+                .where(ImageRow.created_at < cutoff, unused)
+                .execution_options(synchronize_session=False)
             )
         )
     removed = Removed(questions=questions, answers=answers, images=images)

@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.store.models import OpenReply
+from bot.store.tables import OpenReplyRow
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ReplyStore:
 
     async def open(self, channel_id: int, message_ids: Sequence[int], *, interaction: Interaction | None = None) -> int:
         """Record a reply that has just been posted and return its id."""
-        row = OpenReply(
+        row = OpenReplyRow(
             channel_id=channel_id,
             message_ids=_ids(message_ids),
             application_id=interaction.application_id if interaction else None,
@@ -65,8 +65,8 @@ class ReplyStore:
         """The reply grew into another message: remember all of them, in order."""
         async with self._sessions() as session, session.begin():
             await session.execute(
-                update(OpenReply)
-                .where(OpenReply.id == reply_id)
+                update(OpenReplyRow)
+                .where(OpenReplyRow.id == reply_id)
                 .values(message_ids=_ids(message_ids))
                 .execution_options(synchronize_session=False)
             )
@@ -75,13 +75,13 @@ class ReplyStore:
         """The reply has ended (finished, failed, stopped or interrupted); forget it."""
         async with self._sessions() as session, session.begin():
             await session.execute(
-                delete(OpenReply).where(OpenReply.id == reply_id).execution_options(synchronize_session=False)
+                delete(OpenReplyRow).where(OpenReplyRow.id == reply_id).execution_options(synchronize_session=False)
             )
 
     async def open_replies(self) -> list[StoredReply]:
         """Every reply not closed yet, oldest first."""
         async with self._sessions() as session:
-            rows = (await session.scalars(select(OpenReply).order_by(OpenReply.id))).all()
+            rows = (await session.scalars(select(OpenReplyRow).order_by(OpenReplyRow.id))).all()
         return [
             StoredReply(
                 id=row.id,

@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.store.history import HistoryStore
-from bot.store.models import ActiveQuestion, Generation, Turn, utcnow
+from bot.store.tables import ActiveQuestionRow, GenerationRow, TurnRow, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,11 @@ class SharedRules:
         async with self._sessions() as session, session.begin():
             # The write comes first so that on SQLite the check below already runs under the write lock.
             await session.execute(
-                delete(ActiveQuestion)
-                .where(ActiveQuestion.author_id == author_id, ActiveQuestion.expires_at <= now)
+                delete(ActiveQuestionRow)
+                .where(ActiveQuestionRow.author_id == author_id, ActiveQuestionRow.expires_at <= now)
                 .execution_options(synchronize_session=False)
             )
-            insert = _insert(session)(ActiveQuestion).values(
+            insert = _insert(session)(ActiveQuestionRow).values(
                 author_id=author_id,
                 owner=self.owner,
                 channel_id=channel_id,
@@ -110,7 +110,7 @@ class SharedRules:
                 expires_at=now + timedelta(seconds=ttl),
             )
             # One statement: two processes claiming at once cannot both see the row missing and insert.
-            result = await session.execute(insert.on_conflict_do_nothing(index_elements=[ActiveQuestion.author_id]))
+            result = await session.execute(insert.on_conflict_do_nothing(index_elements=[ActiveQuestionRow.author_id]))
             claimed = _rowcount(result) == 1
         if not claimed:
             log.info("User %s already has a question running (seen from %s)", author_id, self.owner)
@@ -120,8 +120,8 @@ class SharedRules:
         """End this process's claim on the person's question (a claim of another process stays)."""
         async with self._sessions() as session, session.begin():
             await session.execute(
-                delete(ActiveQuestion)
-                .where(ActiveQuestion.author_id == author_id, ActiveQuestion.owner == self.owner)
+                delete(ActiveQuestionRow)
+                .where(ActiveQuestionRow.author_id == author_id, ActiveQuestionRow.owner == self.owner)
                 .execution_options(synchronize_session=False)
             )
 
@@ -129,8 +129,8 @@ class SharedRules:
         """Push the expiry of this process's claims ``ttl`` seconds ahead; returns how many it holds."""
         async with self._sessions() as session, session.begin():
             result = await session.execute(
-                update(ActiveQuestion)
-                .where(ActiveQuestion.owner == self.owner)
+                update(ActiveQuestionRow)
+                .where(ActiveQuestionRow.owner == self.owner)
                 .values(expires_at=utcnow() + timedelta(seconds=ttl))
                 .execution_options(synchronize_session=False)
             )
@@ -141,12 +141,12 @@ class SharedRules:
         this host that no longer run (a crash and a quick restart must not lock people out until the claims
         expire); returns how many."""
         async with self._sessions() as session, session.begin():
-            owners = set(await session.scalars(select(ActiveQuestion.owner).distinct()))
+            owners = set(await session.scalars(select(ActiveQuestionRow.owner).distinct()))
             dead = [owner for owner in owners if owner != self.owner and ended_here(owner)]
-            stale = ActiveQuestion.expires_at <= (now or utcnow())
+            stale = ActiveQuestionRow.expires_at <= (now or utcnow())
             result = await session.execute(
-                delete(ActiveQuestion)
-                .where(or_(stale, ActiveQuestion.owner.in_(dead)) if dead else stale)
+                delete(ActiveQuestionRow)
+                .where(or_(stale, ActiveQuestionRow.owner.in_(dead)) if dead else stale)
                 .execution_options(synchronize_session=False)
             )
             cleared = _rowcount(result)
@@ -157,16 +157,16 @@ class SharedRules:
     async def holder(self, author_id: int) -> str | None:
         """Which process holds the person's question, if any (expired claims included)."""
         async with self._sessions() as session:
-            return await session.scalar(select(ActiveQuestion.owner).where(ActiveQuestion.author_id == author_id))
+            return await session.scalar(select(ActiveQuestionRow.owner).where(ActiveQuestionRow.author_id == author_id))
 
     # --- /reset and /forget ------------------------------------------------------------------------
     async def current(self, channel_id: int, author_id: int) -> Generations:
         """The generations an answer starting now in ``channel_id`` for ``author_id`` runs under."""
         async with self._sessions() as session:
             rows = await session.execute(
-                select(Generation.scope, Generation.value).where(
-                    ((Generation.scope == CHANNEL) & (Generation.key == channel_id))
-                    | ((Generation.scope == AUTHOR) & (Generation.key == author_id))
+                select(GenerationRow.scope, GenerationRow.value).where(
+                    ((GenerationRow.scope == CHANNEL) & (GenerationRow.key == channel_id))
+                    | ((GenerationRow.scope == AUTHOR) & (GenerationRow.key == author_id))
                 )
             )
             values = {scope: value for scope, value in rows}
@@ -196,15 +196,15 @@ class SharedRules:
             if (channel, author) != (since.channel, since.author):
                 return None
             return await HistoryStore.add_turn_in(
-                session, Turn(channel_id=channel_id, role="assistant", text=text), message_ids
+                session, TurnRow(channel_id=channel_id, role="assistant", text=text), message_ids
             )
 
     async def _bump(self, scope: str, key: int) -> int:
         async with self._sessions() as session, session.begin():
-            insert = _insert(session)(Generation).values(scope=scope, key=key, value=1)
+            insert = _insert(session)(GenerationRow).values(scope=scope, key=key, value=1)
             upsert = insert.on_conflict_do_update(
-                index_elements=[Generation.scope, Generation.key], set_={"value": Generation.value + 1}
-            ).returning(Generation.value)
+                index_elements=[GenerationRow.scope, GenerationRow.key], set_={"value": GenerationRow.value + 1}
+            ).returning(GenerationRow.value)
             return int((await session.execute(upsert)).scalar_one())
 
     @staticmethod
@@ -212,8 +212,8 @@ class SharedRules:
         """The generation's value, its row locked (and created at 0 if missing) until the transaction ends."""
         # Writing the row (even to its own value) takes the row lock on PostgreSQL and the write lock on
         # SQLite, which a plain SELECT would not.
-        insert = _insert(session)(Generation).values(scope=scope, key=key, value=0)
+        insert = _insert(session)(GenerationRow).values(scope=scope, key=key, value=0)
         upsert = insert.on_conflict_do_update(
-            index_elements=[Generation.scope, Generation.key], set_={"value": Generation.value}
-        ).returning(Generation.value)
+            index_elements=[GenerationRow.scope, GenerationRow.key], set_={"value": GenerationRow.value}
+        ).returning(GenerationRow.value)
         return int((await session.execute(upsert)).scalar_one())

@@ -11,7 +11,7 @@ import pytest
 
 from bot.chat.lifecycle import AnswerTasks, TrackedSink
 from bot.chat.streaming import ReplyStreamer
-from bot.store import ReplyStore, create_engine, session_factory, upgrade
+from bot.store import ReplyStore, open_database, session_factory, upgrade
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -40,7 +40,7 @@ class Channel:
 async def replies(tmp_path: Path) -> AsyncIterator[ReplyStore]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
     await upgrade(url)
-    engine = create_engine(url)
+    engine = open_database(url)
     yield ReplyStore(session_factory(engine))
     await engine.dispose()
 
@@ -71,7 +71,7 @@ async def test_a_reply_that_never_posted_leaves_no_record(replies: ReplyStore) -
 
 
 async def test_bookkeeping_failures_do_not_cost_the_answer(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'never-migrated.db'}")
+    engine = open_database(f"sqlite+aiosqlite:///{tmp_path / 'never-migrated.db'}")
     try:
         channel = Channel()
         sink = TrackedSink(channel, ReplyStore(session_factory(engine)), 7)

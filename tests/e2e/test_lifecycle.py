@@ -13,7 +13,7 @@ import pytest
 from bot.chat.lifecycle import RESTARTING
 from bot.chat.streaming import FAILURE_LINE
 from bot.cogs.recovery import CUT_OFF
-from bot.store import HistoryStore, ReplyStore, StoredReply, StoredTurn, create_engine, session_factory
+from bot.store import HistoryStore, ReplyStore, StoredReply, StoredTurn, open_database, session_factory
 from tests.e2e.bot_process import BotProcess
 from tests.e2e.discord_emulator import JSON, DiscordEmulator, InteractionRecord, MessageRecord
 from tests.e2e.helpers import MARKER, answer_messages, png, replies_to, text_of, wait_answer, wait_response
@@ -28,7 +28,7 @@ LONG = 1800
 
 async def stored(bot: BotProcess) -> tuple[list[StoredReply], Callable[[int], list[StoredTurn]]]:
     """What the bot left in its database: open replies, and each channel's turns."""
-    engine = create_engine(bot.database_url)
+    engine = open_database(bot.database_url)
     try:
         sessions = session_factory(engine)
         replies = await ReplyStore(sessions).open_replies()

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import update
 
 from bot.config import Config
-from bot.store import HistoryStore, StoredImage, create_engine, session_factory, upgrade
-from bot.store.models import Image, Turn
+from bot.store import HistoryStore, StoredImage, open_database, session_factory, upgrade
+from bot.store.tables import ImageRow, TurnRow
 from tests.e2e.conftest import llava_bot
 from tests.e2e.discord_emulator import JSON, DiscordEmulator, EmulatedUser, MessageRecord
 from tests.e2e.helpers import png, replies_to, text_of, unanswered, wait_answer, wait_response
@@ -151,16 +151,18 @@ def picture(tag: bytes) -> StoredImage:
 
 async def stored_long_ago(url: str, channel: int, words: str, image: StoredImage | None, days: float) -> None:
     """A question and its answer as if asked ``days`` ago (rows written with an old created_at)."""
-    engine = create_engine(url)
+    engine = open_database(url)
     try:
         store = HistoryStore(session_factory(engine))
         question = await store.add_user_turn(channel, words, author_id=1, author_name="old", image=image)
         answer = await store.add_assistant_turn(channel, f"answer to {words}")
         when = datetime.now(UTC) - timedelta(days=days)
         async with engine.begin() as connection:
-            await connection.execute(update(Turn).where(Turn.id.in_([question, answer])).values(created_at=when))
+            await connection.execute(update(TurnRow).where(TurnRow.id.in_([question, answer])).values(created_at=when))
             if image is not None:
-                await connection.execute(update(Image).where(Image.sha256 == image.sha256).values(created_at=when))
+                await connection.execute(
+                    update(ImageRow).where(ImageRow.sha256 == image.sha256).values(created_at=when)
+                )
     finally:
         await engine.dispose()
 

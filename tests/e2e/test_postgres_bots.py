@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from bot.chat.scheduler import ALREADY_ASKING
 from bot.chat.service import THINKING
-from bot.store.db import create_engine, session_factory
+from bot.store.db import open_database, session_factory
 from bot.store.history import HistoryStore, StoredTurn
 from tests.e2e.bot_process import BotProcess
 from tests.e2e.discord_emulator import DiscordEmulator, shard_of
@@ -42,7 +42,7 @@ class Pair:
 
 async def turns_in(database_url: str, channel_id: int) -> list[StoredTurn]:
     """The channel's turns as a fresh reader of the shared database sees them."""
-    engine = create_engine(database_url)
+    engine = open_database(database_url)
     try:
         return await HistoryStore(session_factory(engine)).turns(channel_id)
     finally:

@@ -14,7 +14,7 @@ from bot.chat.images import ImageLimits, load_image
 from bot.config import Config
 from bot.engine.base import Turn
 from bot.engine.genai import GenaiEngine
-from bot.store.db import create_engine, current_revision, head_revision, upgrade
+from bot.store.db import current_revision, head_revision, open_database, upgrade
 from tests.e2e.conftest import llava_bot
 from tests.e2e.discord_emulator import JSON, DiscordEmulator
 from tests.e2e.helpers import (
@@ -224,7 +224,7 @@ async def test_a_database_at_the_previous_revision_is_upgraded_and_its_history_u
     old_answer = await emulator._create_bot_message(
         emulator.channel_id, {"content": "A yellow square and a red circle."}, {}, source="channel"
     )
-    engine = create_engine(url)
+    engine = open_database(url)
     try:
         async with engine.begin() as connection:
             await connection.execute(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bot.store.db import create_engine, session_factory
+from bot.store.db import open_database, session_factory
 from bot.store.history import HistoryStore
 from tests.e2e.bot_process import BotProcess
 from tests.e2e.discord_emulator import DiscordEmulator, shard_of
@@ -31,7 +31,7 @@ def shard_config(shard: int, database_url: str) -> dict[str, dict[str, Any]]:
 
 async def stored_turns(database_url: str, channel_ids: list[int]) -> dict[int, list[str]]:
     """The roles of the turns each channel has in the database, as a fresh reader sees them."""
-    engine = create_engine(database_url)
+    engine = open_database(database_url)
     try:
         store = HistoryStore(session_factory(engine))
         return {c: [t.role for t in await store.turns(c)] for c in channel_ids}

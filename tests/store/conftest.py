@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select, table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.store import HistoryStore, StoredImage, create_engine, session_factory, upgrade
+from bot.store import HistoryStore, StoredImage, open_database, session_factory, upgrade
 from tests.postgres import PostgresServer
 
 
@@ -36,7 +36,7 @@ async def db_url(request: pytest.FixtureRequest, sqlite_db_url: str) -> str:
 @pytest.fixture
 async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     await upgrade(db_url)
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     yield engine
     await engine.dispose()
 
@@ -44,7 +44,7 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 async def sqlite_engine(sqlite_db_url: str) -> AsyncIterator[AsyncEngine]:
     await upgrade(sqlite_db_url)
-    engine = create_engine(sqlite_db_url)
+    engine = open_database(sqlite_db_url)
     yield engine
     await engine.dispose()
 

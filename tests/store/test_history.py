@@ -8,7 +8,7 @@ from datetime import UTC
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.store import HistoryStore, StoredImage, StoredTurn, create_engine, session_factory
+from bot.store import HistoryStore, StoredImage, StoredTurn, open_database, session_factory
 from tests.store.conftest import count_rows, image
 
 # The engine fixture and the tests must share one event loop, as the bot's resources do.
@@ -214,7 +214,7 @@ async def test_everything_survives_a_restart(db_url: str, engine: AsyncEngine, s
     before = await store.turns(1)
     await engine.dispose()
 
-    reopened = create_engine(db_url)
+    reopened = open_database(db_url)
     try:
         store = HistoryStore(session_factory(reopened))
         assert await store.turns(1) == before

@@ -15,15 +15,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.store import (
     HistoryStore,
     ReplyStore,
-    create_engine,
     current_revision,
     downgrade,
     head_revision,
+    open_database,
     session_factory,
     upgrade,
     upgrade_sync,
 )
-from bot.store.models import Base
+from bot.store.tables import Base
 from tests.store.conftest import count_rows, image
 
 # The fixtures and the tests must share one event loop, as the bot's resources do.
@@ -90,7 +90,7 @@ async def test_upgrade_creates_the_schema_in_a_new_database_file(sqlite_db_url: 
 
     assert (tmp_path / "data" / "bot.db").is_file()
     assert await current_revision(db_url) == head_revision()
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         assert await table_names(engine) == TABLES
     finally:
@@ -111,7 +111,7 @@ async def test_migrations_describe_the_same_schema_as_the_models(db_url: str) ->
     def differences(connection: Connection) -> list[object]:
         return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
 
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         async with engine.connect() as connection:
             assert await connection.run_sync(differences) == []
@@ -121,7 +121,7 @@ async def test_migrations_describe_the_same_schema_as_the_models(db_url: str) ->
 
 async def test_upgrading_from_the_first_revision_keeps_stored_conversations(db_url: str) -> None:
     await upgrade(db_url, FIRST)
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         assert await table_names(engine) == {"alembic_version", "images", "turns"}
         await seed_first_revision(engine)
@@ -131,7 +131,7 @@ async def test_upgrading_from_the_first_revision_keeps_stored_conversations(db_u
     await upgrade(db_url)
 
     assert await current_revision(db_url) == head_revision()
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         store = HistoryStore(session_factory(engine))
         question, answer = await store.turns(7)
@@ -157,7 +157,7 @@ async def test_upgrading_from_the_first_revision_keeps_stored_conversations(db_u
 
 async def test_a_failed_upgrade_leaves_the_database_as_it_was(db_url: str) -> None:
     await upgrade(db_url, FIRST)
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         await seed_first_revision(engine)
         # A leftover table makes the second migration fail after it has already created `settings`.
@@ -170,7 +170,7 @@ async def test_a_failed_upgrade_leaves_the_database_as_it_was(db_url: str) -> No
         await upgrade(db_url)
 
     assert await current_revision(db_url) == FIRST
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         assert "settings" not in await table_names(engine)
         assert await count_rows(engine, "turns") == 2
@@ -185,7 +185,7 @@ async def test_a_failed_upgrade_leaves_the_database_as_it_was(db_url: str) -> No
 
 async def test_downgrading_to_the_first_revision_and_back_keeps_conversations(db_url: str) -> None:
     await upgrade(db_url)
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         store = HistoryStore(session_factory(engine))
         turn_id = await store.add_assistant_turn(3, "an answer", message_ids=[500, 501])
@@ -196,7 +196,7 @@ async def test_downgrading_to_the_first_revision_and_back_keeps_conversations(db
     assert await current_revision(db_url) == FIRST
     await upgrade(db_url)
 
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         store = HistoryStore(session_factory(engine))
         [turn] = await store.turns(3)
@@ -213,7 +213,7 @@ async def test_downgrade_to_base_removes_every_table(db_url: str) -> None:
     await downgrade(db_url, "base")
 
     assert await current_revision(db_url) is None
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         assert await table_names(engine) <= {"alembic_version"}
     finally:
@@ -222,7 +222,7 @@ async def test_downgrade_to_base_removes_every_table(db_url: str) -> None:
 
 async def test_the_open_replies_revision_upgrades_and_downgrades_without_touching_conversations(db_url: str) -> None:
     await upgrade(db_url, BEFORE_OPEN_REPLIES)
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         assert await table_names(engine) == TABLES - {"open_replies"} - SHARED_RULES
         turn_id = await HistoryStore(session_factory(engine)).add_user_turn(
@@ -233,7 +233,7 @@ async def test_the_open_replies_revision_upgrades_and_downgrades_without_touchin
 
     await upgrade(db_url, BEFORE_SHARED_RULES)
     assert await current_revision(db_url) == BEFORE_SHARED_RULES
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         replies = ReplyStore(session_factory(engine))
         reply_id = await replies.open(5, [901, 902])
@@ -244,7 +244,7 @@ async def test_the_open_replies_revision_upgrades_and_downgrades_without_touchin
 
     await downgrade(db_url, BEFORE_OPEN_REPLIES)
     assert await current_revision(db_url) == BEFORE_OPEN_REPLIES
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         assert await table_names(engine) == TABLES - {"open_replies"} - SHARED_RULES
         [turn] = await HistoryStore(session_factory(engine)).turns(5)
@@ -253,7 +253,7 @@ async def test_the_open_replies_revision_upgrades_and_downgrades_without_touchin
         await engine.dispose()
 
     await upgrade(db_url)
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         assert await ReplyStore(session_factory(engine)).open_replies() == []
     finally:

@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.cogs.privacy import PrivacyCog
 from bot.config import parse_config
 from bot.store import HistoryStore, StoredImage
-from bot.store.models import Image, Turn
 from bot.store.privacy import Removed
+from bot.store.tables import ImageRow, TurnRow
 from tests.store.conftest import count_rows, image
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -95,9 +95,9 @@ async def age(engine: AsyncEngine, days: float, *, turn_ids: Sequence[int] = (),
     when = datetime.now(UTC) - timedelta(days=days)
     async with engine.begin() as connection:
         if turn_ids:
-            await connection.execute(update(Turn).where(Turn.id.in_(turn_ids)).values(created_at=when))
+            await connection.execute(update(TurnRow).where(TurnRow.id.in_(turn_ids)).values(created_at=when))
         if image_sha is not None:
-            await connection.execute(update(Image).where(Image.sha256 == image_sha).values(created_at=when))
+            await connection.execute(update(ImageRow).where(ImageRow.sha256 == image_sha).values(created_at=when))
 
 
 async def test_retention_deletes_old_turns_and_their_orphaned_images(store: HistoryStore, engine: AsyncEngine) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.store import ReplyStore, create_engine, session_factory
+from bot.store import ReplyStore, open_database, session_factory
 from bot.store.replies import Interaction
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -37,7 +37,7 @@ async def test_open_replies_outlive_the_process_that_recorded_them(db_url: str, 
     reply_id = await replies.open(7, [300, 301])
 
     # A new engine on the same file, as a restarted bot opens it.
-    engine = create_engine(db_url)
+    engine = open_database(db_url)
     try:
         [left] = await ReplyStore(session_factory(engine)).open_replies()
     finally:

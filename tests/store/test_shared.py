@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.store import HistoryStore, create_engine, session_factory
+from bot.store import HistoryStore, open_database, session_factory
 from bot.store.shared import Generations, SharedRules
 from tests.store.conftest import count_rows
 
@@ -20,7 +20,7 @@ CHANNEL, PERSON, OTHER = 7, 42, 43
 @pytest.fixture
 async def second_engine(engine: AsyncEngine, db_url: str) -> AsyncIterator[AsyncEngine]:
     """A second connection pool to the same database, as another bot process would have."""
-    other = create_engine(db_url)
+    other = open_database(db_url)
     yield other
     await other.dispose()
 

@@ -77,7 +77,7 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-class Image(Base):
+class ImageRow(Base):
     """Normalised image bytes, addressed by their SHA-256.
 
     The bytes are kept because Discord attachment URLs expire, while follow-up questions still need the
@@ -96,7 +96,7 @@ class Image(Base):
     )
 
 
-class Turn(Base):
+class TurnRow(Base):
     """One message of a channel's conversation, either the person's question or the bot's answer."""
 
     __tablename__ = "turns"
@@ -124,7 +124,7 @@ class Turn(Base):
     )
 
 
-class TurnMessage(Base):
+class TurnMessageRow(Base):
     """Which turn a Discord message belongs to.
 
     A JSON list cannot be searched portably, and the bot asks "is this message one of ours?" for every
@@ -139,7 +139,7 @@ class TurnMessage(Base):
     )
 
 
-class Setting(Base):
+class SettingRow(Base):
     """A bot-wide setting that must survive restarts, such as the chosen model precision."""
 
     __tablename__ = "settings"
@@ -155,7 +155,7 @@ class Setting(Base):
     )
 
 
-class OpenReply(Base):
+class OpenReplyRow(Base):
     """A reply the bot is still writing; the row is deleted once the reply is closed.
 
     A row that outlives its process (a crash, a power cut) tells the next start which messages still show
@@ -178,7 +178,7 @@ class OpenReply(Base):
     )
 
 
-class ActiveQuestion(Base):
+class ActiveQuestionRow(Base):
     """A person's question admitted by some bot process and not yet ended: one row per person at most.
 
     The primary key is what makes "one question per person" hold across processes. The owning process
@@ -197,7 +197,7 @@ class ActiveQuestion(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
-class Generation(Base):
+class GenerationRow(Base):
     """How often a channel was reset (``scope`` "channel") or a person used /forget (``scope`` "author").
 
     An answer remembers the numbers it started under and is stored only if they are unchanged, whichever
