@@ -8,6 +8,7 @@ from pathlib import Path
 
 from benchmarks.pairing import LOAD_GAP_LIMIT
 from bot.engine import variants
+from bot.engine.ov_config import BadPair, parse_pairs
 
 DEFAULT_OUT = Path("bench-results")
 DEFAULT_WORK_DIR = DEFAULT_OUT / "model"
@@ -154,13 +155,10 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         if min(args.channels) < 1:
             raise ValueError("--channels must be positive numbers")
         overrides["channels"] = tuple(args.channels)
-    config = {}
-    for pair in args.ov_config:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--ov-config expects KEY=VALUE, got {pair!r}")
-        config[key.strip()] = value.strip()
-    overrides["ov_config"] = config
+    try:
+        overrides["ov_config"] = parse_pairs(args.ov_config)
+    except BadPair as error:
+        raise ValueError(f"--ov-config: {error}") from error
     if args.quick:
         return BenchOptions.quick_mode(**overrides)
     return BenchOptions(**overrides)  # type: ignore[arg-type]

@@ -49,10 +49,10 @@ def default_engine() -> str:
 
 
 def known_engines() -> list[str]:
-    """Every engine kind ``load_engine`` accepts."""
-    from bot.engine.manager import ENGINE_KINDS
+    """Every engine ``load_engine`` runs in this process: the registry's names but the remote engine."""
+    from bot.engine.manager import local_engines
 
-    return list(ENGINE_KINDS)
+    return local_engines()
 
 
 # The source checkout holding this package (and the tests' Discord emulator that the bot row needs).

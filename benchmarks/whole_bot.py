@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.workload import FIRST_QUESTION, LoopLag, emit_result, make_image, median, percentile
+from bot.engine.ov_config import parse_pairs
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ async def bench_bot(
     """
     from bot.client import LlavaBot
     from bot.config import DiscordConfig, parse_config
+    from bot.services import build_services
 
     emulated = _emulator_module()
     with tempfile.TemporaryDirectory(prefix="llava-bench-bot-") as scratch:
@@ -108,19 +110,23 @@ async def bench_bot(
                 "database": {"url": f"sqlite+aiosqlite:///{Path(scratch) / 'bench.sqlite3'}"},
             }
         )
-        async with (
-            emulated.DiscordEmulator() as emulator,
-            emulated.running_bot(
-                LlavaBot(config, guild_ready_timeout=0.05), emulator, ready_timeout=_ANSWER_TIMEOUT_S
-            ) as bot,
-        ):
-            return await _ask(bot, emulator, runs)
+        services = await build_services(config)
+        try:
+            async with (
+                emulated.DiscordEmulator() as emulator,
+                emulated.running_bot(
+                    LlavaBot(config, services, guild_ready_timeout=0.05), emulator, ready_timeout=_ANSWER_TIMEOUT_S
+                ) as bot,
+            ):
+                return await _ask(bot, emulator, runs)
+        finally:
+            await services.close()
 
 
 async def _ask(bot: Any, emulator: Any, runs: int) -> dict[str, Any]:
     streams: list[Any] = []
     answered: list[float] = []
-    generate, answer = bot.models.generate, bot.chat.answer
+    generate, answer = bot.model_manager.generate, bot.chat.answer
 
     # Wrapped on the instances: the bot runs unchanged, the benchmark sees each engine stream and each answer's end.
     def recording_generate(conversation: Any, settings: Any) -> Any:
@@ -134,7 +140,7 @@ async def _ask(bot: Any, emulator: Any, runs: int) -> dict[str, Any]:
         finally:
             answered.append(time.monotonic())
 
-    bot.models.generate = recording_generate
+    bot.model_manager.generate = recording_generate
     bot.chat.answer = recording_answer
     channel = emulator.channel_id
     samples: dict[str, list[Any]] = {
@@ -215,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason is not None:
         result: dict[str, Any] = {"status": "unavailable", "reason": reason}
     else:
-        ov_config = dict(pair.split("=", 1) for pair in args.ov_config if "=" in pair)
+        ov_config = parse_pairs(args.ov_config)
         result = asyncio.run(
             bench_bot(
                 Path(args.model_dir),

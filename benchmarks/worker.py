@@ -33,6 +33,7 @@ from benchmarks.workload import (
     timed_generation,
 )
 from bot.engine.base import Engine, GenerationSettings, Turn
+from bot.engine.ov_config import parse_pairs
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,6 @@ log = logging.getLogger(__name__)
 _WARM_UP_SEED = 10_000
 _RUN_SEED = 20_000
 _CONCURRENT_SEED = 30_000
-
-# Heavy modules an engine imports while loading. Importing them before the clock starts keeps Python's import
-# time (the same cold or warm) out of the load time, which is about reading and compiling the model.
-_ENGINE_IMPORTS: dict[str, tuple[str, ...]] = {
-    "genai": ("openvino", "openvino_genai", "transformers", "bot.engine.genai"),
-    "optimum": ("openvino", "transformers", "optimum.intel", "bot.engine.optimum"),
-    "genai-batching": ("openvino", "openvino_genai", "transformers", "bot.engine.batching"),
-}
 
 
 def _self_peak_mb() -> float:
@@ -124,12 +117,15 @@ class PeakMemory:
 
 
 def _import_engine_modules(kind: str) -> float:
+    # Importing what the engine imports while loading before the clock starts keeps Python's import time (the
+    # same cold or warm) out of the load time, which is about reading and compiling the model.
+    from bot.engine.manager import engine_class
+
     started = time.monotonic()
-    for name in _ENGINE_IMPORTS.get(kind, ("openvino", "openvino_genai", "transformers", f"bot.engine.{kind}")):
+    for name in engine_class(kind).imports_on_load:
         try:
             importlib.import_module(name)
         except ImportError:
-            # An engine living in a module of another name is imported by load_engine itself, inside the clock.
             log.debug("could not import %s ahead of loading", name)
     return time.monotonic() - started
 
@@ -221,7 +217,7 @@ async def _concurrent_runs(engine: Engine, channels: Sequence[int], runs: int, n
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Load the engine, then (with ``--measure``) time generations; returns the JSON-ready result."""
-    ov_config = dict(args.ov_config_pairs)
+    ov_config = parse_pairs(args.ov_config)
     ov_config["CACHE_DIR"] = str(args.cache_dir)
     result: dict[str, Any] = {
         "engine": args.engine,
@@ -277,7 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.worker``."""
     args = build_parser().parse_args(argv)
-    args.ov_config_pairs = [tuple(pair.split("=", 1)) for pair in args.ov_config if "=" in pair]
     logging.basicConfig(
         level=os.environ.get("LLAVA_BOT_BENCH_LOG", "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from bot.engine import variants
 from bot.engine.convert import DEFAULT_MODEL
-from bot.engine.manager import ENGINE_KINDS
+from bot.engine.manager import local_engines
+from bot.engine.ov_config import BadPair, parse_pairs
 
 log = logging.getLogger("bot")
 
@@ -24,13 +25,10 @@ class CliError(Exception):
 
 
 def _ov_config(pairs: Sequence[str]) -> dict[str, str]:
-    config = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CliError(f"--ov-config expects KEY=VALUE, got {pair!r}")
-        config[key.strip()] = value.strip()
-    return config
+    try:
+        return parse_pairs(pairs)
+    except BadPair as error:
+        raise CliError(f"--ov-config: {error}") from error
 
 
 def default_model_dir(model: str) -> Path:
@@ -118,6 +116,7 @@ async def _chat(args: argparse.Namespace) -> int:
     from bot.engine.base import EngineError, GenerationSettings, Turn
     from bot.engine.manager import load_engine
 
+    ov_config = _ov_config(args.ov_config)
     folder = Path(args.model)
     if not variants.is_complete(folder):
         raise CliError(f"{variants.describe_missing(folder)}. To create it, run: {_convert_hint(folder)}")
@@ -125,7 +124,7 @@ async def _chat(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     started = time.monotonic()
     try:
-        engine = await asyncio.to_thread(load_engine, args.engine, folder, args.device, _ov_config(args.ov_config))
+        engine = await asyncio.to_thread(load_engine, args.engine, folder, args.device, ov_config)
     except EngineError as error:
         raise CliError(str(error)) from error
     except RuntimeError as error:  # OpenVINO reports unknown devices and bad properties this way
@@ -190,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bot.engine.base import EngineError
     from bot.serve.app import default_name, serve
 
+    ov_config = _ov_config(args.ov_config)
     folder = Path(args.model)
     if not variants.is_complete(folder):
         raise CliError(f"{variants.describe_missing(folder)}. To create it, run: {_convert_hint(folder)}")
@@ -207,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 port=args.port,
                 kind=args.engine,
                 device=args.device,
-                ov_config=_ov_config(args.ov_config),
+                ov_config=ov_config,
                 api_key=api_key,
             )
         )
@@ -225,8 +225,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Start the Discord bot."""
     import discord
 
-    from bot.client import StartupError, run_bot
+    from bot.client import run_bot
     from bot.config import ConfigError, load_config
+    from bot.services import StartupError
 
     try:
         return run_bot(load_config(Path(args.config)))
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
     chat.add_argument("--model", required=True, help="one precision folder, e.g. models/llava-1.5-7b-hf/INT4")
-    chat.add_argument("--engine", choices=ENGINE_KINDS, default="genai")
+    chat.add_argument("--engine", choices=local_engines(), default="genai")
     chat.add_argument("--device", default="CPU", help="CPU, GPU or AUTO (default: CPU)")
     chat.add_argument("--image", action="append", default=[], help="image for the (first) question; repeatable")
     chat.add_argument("--ov-config", action="append", default=[], metavar="KEY=VALUE", help="OpenVINO property")
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", help="model name clients ask for (default: e.g. llava-1.5-7b-hf-int4)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    serve.add_argument("--engine", choices=ENGINE_KINDS, default="genai-batching")
+    serve.add_argument("--engine", choices=local_engines(), default="genai-batching")
     serve.add_argument("--device", default="CPU", help="CPU, GPU or AUTO (default: CPU)")
     serve.add_argument("--ov-config", action="append", default=[], metavar="KEY=VALUE", help="OpenVINO property")
     serve.add_argument("--api-key-env", metavar="VAR", help="require the key held by this environment variable")

@@ -1,32 +1,21 @@
-"""The Discord client: owns the long-lived resources and loads the cogs."""
+"""The Discord client over the services it is given, and ``run_bot``: services, then the bot, then cleanup."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import discord
 import yarl
 from discord import app_commands
 from discord.ext import commands
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.chat.lifecycle import RESTARTING, AnswerTasks
-from bot.chat.scheduler import Scheduler
-from bot.chat.service import ChatService
 from bot.config import Config
-from bot.engine import variants
-from bot.engine.base import GenerationSettings
-from bot.engine.manager import REMOTE_KIND, ModelManager
 from bot.loopwatch import LoopWatch
-from bot.store.db import open_database, session_factory, upgrade
-from bot.store.history import HistoryStore
-from bot.store.replies import ReplyStore
-from bot.store.shared import QUESTION_TTL, SharedRules
+from bot.services import Services, build_services, ensure_model
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +23,13 @@ EXTENSIONS = ("bot.cogs.chat", "bot.cogs.admin", "bot.cogs.privacy", "bot.cogs.r
 COMMAND_FAILED = "Something went wrong with that command; the details were logged."
 
 
-class StartupError(RuntimeError):
-    """The bot can't start; ``str()`` says what to do."""
-
-
 class LlavaBot(commands.Bot):
-    """The bot. Resources are created in :meth:`setup_hook` and released in :meth:`close`."""
+    """The bot: Discord events and commands over the :class:`~bot.services.Services` it is given.
 
-    store: HistoryStore
-    replies: ReplyStore
-    models: ModelManager
-    chat: ChatService
-    http_session: aiohttp.ClientSession
-    db_engine: AsyncEngine
-    rules: SharedRules
+    It doesn't make or release the services: whoever built them closes them after the bot closed.
+    """
 
-    def __init__(self, config: Config, **options: Any) -> None:
+    def __init__(self, config: Config, services: Services, **options: Any) -> None:
         # Message Content is a privileged intent the bot needs only for replies to other people's pictures:
         # Discord still delivers the content and attachments of messages that mention the bot (a reply
         # that pings it counts) and of DMs.
@@ -63,45 +43,21 @@ class LlavaBot(commands.Bot):
             **options,
         )
         self.config = config
+        self.services = services
+        # The services the cogs use, by their short names.
+        self.store = services.store
+        self.replies = services.replies
+        self.rules = services.rules
+        self.model_manager = services.model_manager
+        self.chat = services.chat
+        self.http_session = services.http_session
         self.loop_watch = LoopWatch()
         self.tree.error(self.on_app_command_error)
         self.answers = AnswerTasks()
         self._cut_short = asyncio.Event()
         self._shutdown: asyncio.Task[None] | None = None
-        self._keep_claims: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
-        config = self.config
-        await upgrade(config.database.url)
-        self.db_engine = open_database(config.database.url)
-        self.store = HistoryStore(session_factory(self.db_engine))
-        self.replies = ReplyStore(session_factory(self.db_engine))
-        self.http_session = aiohttp.ClientSession()
-        model = config.model
-        self.models = ModelManager(
-            Path(model.dir),
-            model.engine,
-            model.device,
-            model.ov_config,
-            stall_timeout=model.stall_timeout,
-            **remote_options(config),
-        )
-        precision = await self.store.get_setting("precision") or model.precision
-        available = self.models.available()
-        if available and precision not in available:
-            log.warning("The saved precision %s is no longer available; using %s", precision, model.precision)
-            precision = model.precision
-        await self.models.switch(precision)
-        settings = GenerationSettings(
-            max_new_tokens=model.max_new_tokens, temperature=model.temperature, top_p=model.top_p
-        )
-        scheduler = Scheduler(max_queue=config.chat.max_queue, concurrency=self.models.concurrency)
-        self.rules = SharedRules(session_factory(self.db_engine))
-        await self.rules.clear_expired()
-        self._keep_claims = asyncio.create_task(keep_claims(self.rules), name="keep-claims")
-        self.chat = ChatService(
-            self.store, self.models, scheduler, settings, config.chat.history_turns, rules=self.rules
-        )
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
@@ -153,8 +109,7 @@ class LlavaBot(commands.Bot):
 
     async def shutdown(self) -> None:
         """Stop taking questions, let running answers finish within ``discord.shutdown_grace``, then close."""
-        if hasattr(self, "chat"):
-            self.chat.interrupted_sentence = RESTARTING
+        self.chat.interrupted_sentence = RESTARTING
         running = len(self.answers)
         cut = await self.answers.drain(self.config.discord.shutdown_grace, self._cut_short)
         if running:
@@ -175,14 +130,6 @@ class LlavaBot(commands.Bot):
         for name in list(self.extensions):
             await self.unload_extension(name)
         await super().close()
-        if hasattr(self, "models"):
-            await self.models.close()
-        if hasattr(self, "http_session"):
-            await self.http_session.close()
-        if self._keep_claims is not None:
-            self._keep_claims.cancel()
-        if hasattr(self, "db_engine"):
-            await self.db_engine.dispose()
         await self.loop_watch.stop()
         log.info("Event loop lag over this run: %s", self.loop_watch.summary())
 
@@ -191,25 +138,15 @@ class ShardedLlavaBot(LlavaBot, commands.AutoShardedBot):
     """The same bot on discord.py's AutoShardedBot: several gateway shards in one process."""
 
 
-def make_bot(config: Config, **options: Any) -> LlavaBot:
+def make_bot(config: Config, services: Services, **options: Any) -> LlavaBot:
     """The bot for ``config``: one plain connection, or the configured shards of a sharded bot."""
     shards = config.discord
     if shards.shard_count == 0:
-        return LlavaBot(config, **options)
+        return LlavaBot(config, services, **options)
     # Without shard_ids discord.py runs every shard of shard_count in this process.
     ids = list(shards.shard_ids) or None
     log.info("Running shards %s of %d", ids or f"0-{shards.shard_count - 1}", shards.shard_count)
-    return ShardedLlavaBot(config, shard_count=shards.shard_count, shard_ids=ids, **options)
-
-
-async def keep_claims(rules: SharedRules) -> None:
-    """Keep this process's questions claimed in the database while it lives (a crash lets them lapse)."""
-    while True:
-        await asyncio.sleep(QUESTION_TTL / 3)
-        try:
-            await rules.refresh()
-        except Exception:
-            log.exception("Could not refresh the questions this process is answering")
+    return ShardedLlavaBot(config, services, shard_count=shards.shard_count, shard_ids=ids, **options)
 
 
 def point_at(config: Config) -> None:
@@ -220,68 +157,42 @@ def point_at(config: Config) -> None:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(config.discord.gateway_url)
 
 
-def remote_options(config: Config) -> dict[str, Any]:
-    """The remote engine's settings for ModelManager (nothing for the local engines)."""
-    model = config.model
-    if model.engine != REMOTE_KIND:
-        return {}
-    from bot.engine.remote import RemoteSettings
-
-    settings = RemoteSettings(
-        base_url=model.base_url,
-        model=model.remote_model,
-        api_key_env=model.api_key_env,
-        timeout=model.request_timeout,
-        context_window=model.context_window,
-    )
-    return {"remote": settings, "remote_models": model.remote_models}
-
-
-def ensure_model(config: Config) -> None:
-    """Make sure the configured precision exists, converting it first if the operator allowed that."""
-    if config.model.engine == REMOTE_KIND:
-        return  # the model lives on the server; a local folder, if any, only lends its tokenizer
-    model_dir = Path(config.model.dir)
-    precision = config.model.precision
-    if variants.is_complete(model_dir / precision):
-        return
-    command = f"llava-bot convert {config.model.source} --out {model_dir}"
-    if not config.model.auto_convert:
-        raise StartupError(
-            f"No converted {precision} model in {model_dir}: run `{command}` first "
-            "(or set model.auto_convert = true to convert at start)."
-        )
-    from bot.engine.convert import ConversionError, convert
-
-    log.info(
-        "No %s model in %s yet: converting %s (this can take a long time)", precision, model_dir, config.model.source
-    )
-    try:
-        convert(config.model.source, model_dir, [precision])
-    except ConversionError as error:
-        raise StartupError(f"Converting the model failed: {error}") from error
-
-
 def run_bot(config: Config) -> int:
     """Start the bot and block until it stops."""
     logging.getLogger().setLevel(config.logging.level.upper())
     ensure_model(config)
     point_at(config)
-    bot = make_bot(config)
-    asyncio.run(_serve(bot, config.discord.token))
+    asyncio.run(_serve(config))
     return 0
 
 
-async def _serve(bot: LlavaBot, token: str) -> None:
+async def _serve(config: Config) -> None:
     # discord.py's Client.run() only turns Ctrl+C into a close, and SIGTERM (a deploy, systemd, docker stop)
-    # would end the process at once, leaving replies half-written. Both signals get the graceful path.
+    # would end the process at once, leaving replies half-written. Both signals get the graceful path; one
+    # that comes while the model still loads stops the bot as soon as the services are up.
     loop = asyncio.get_running_loop()
+    bot: LlavaBot | None = None
+    early: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if bot is not None:
+            bot.request_shutdown(signum)
+        elif not early:
+            log.info("%s received while starting: stopping once the model has loaded", signal.Signals(signum).name)
+            early.append(signum)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, bot.request_shutdown, signum)
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
-        async with bot:
-            await bot.start(token)
-        await bot.wait_shutdown()
+        services = await build_services(config)
+        try:
+            if not early:
+                bot = make_bot(config, services)
+                async with bot:
+                    await bot.start(config.discord.token)
+                await bot.wait_shutdown()
+        finally:
+            await services.close()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

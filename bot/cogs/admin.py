@@ -92,7 +92,7 @@ class AdminCog(commands.Cog):
     @app_commands.describe(precision="INT4 is fastest, FP16 most accurate")
     async def precision(self, interaction: discord.Interaction, precision: str | None = None) -> None:
         """Show the model's precision, or switch it for the whole bot (owner and admins only)."""
-        models = self.bot.models
+        models = self.bot.model_manager
         available = models.available()
         if models.remote is not None and not available:
             text = PRECISION_SERVER.format(model=models.remote.model)
@@ -134,13 +134,13 @@ class AdminCog(commands.Cog):
     @precision.autocomplete("precision")
     async def precision_choices(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         """Offer only the variants that exist on disk."""
-        available = self.bot.models.available()
+        available = self.bot.model_manager.available()
         return [app_commands.Choice(name=p, value=p) for p in PRECISIONS if p in available and current.upper() in p]
 
     @app_commands.command(name="status", description="Model, precision, engine and queue of the bot")
     async def status(self, interaction: discord.Interaction) -> None:
         """Show which model answers, how, and how busy it is."""
-        models = self.bot.models
+        models = self.bot.model_manager
         scheduler = self.bot.chat.scheduler
         text = STATUS.format(
             model=models.model_dir.name,

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from PIL import Image
 
@@ -166,6 +166,11 @@ class Engine(abc.ABC):
     name: str = "engine"
     # How many generations may run at once (continuous batching engines take more than one).
     max_concurrency: int = 1
+    # False for an engine that loads no converted precision folder (the remote one, a test's engine): the bot
+    # then neither converts a model at start nor asks for a complete folder.
+    needs_model_folder: ClassVar[bool] = True
+    # Heavy modules the engine imports while loading; the benchmark imports them before timing the load.
+    imports_on_load: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
         self.model_dir = model_dir

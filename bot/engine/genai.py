@@ -69,6 +69,7 @@ class GenaiEngine(ThreadedEngine):
     """openvino-genai's VLMPipeline; one generation at a time, on a dedicated thread."""
 
     name = "genai"
+    imports_on_load = ("openvino", "openvino_genai")
 
     def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
         super().__init__(model_dir, device, ov_config, thread_name="genai")

@@ -19,29 +19,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The engines that load a converted folder, by the name config, the CLI and the benchmark use, as
-# "module:class". Adding an engine is one module in bot/engine/ and one line here; modules are imported only
-# when their engine is chosen, so the genai engines never import what optimum needs.
+# The engines, by the name config, the CLI and the benchmark use, as "module:Class". Adding an engine is one
+# module and one line here; modules are imported only when their engine is chosen, so the genai engines never
+# import what optimum needs. A class is built as ``Class(model_dir, device, ov_config)``, except the remote one.
 ENGINES: dict[str, str] = {
     "genai": "bot.engine.genai:GenaiEngine",
     "genai-batching": "bot.engine.batching:BatchingEngine",
     "optimum": "bot.engine.optimum:OptimumEngine",
+    "openai": "bot.engine.remote:RemoteEngine",
 }
-ENGINE_KINDS: tuple[str, ...] = tuple(ENGINES)
-# The engine that streams from an OpenAI-compatible server instead; it needs no converted folder.
+# The engine that streams from an OpenAI-compatible server; it takes the model.base_url family of settings.
 REMOTE_KIND = "openai"
-BOT_ENGINE_KINDS: tuple[str, ...] = (*ENGINE_KINDS, REMOTE_KIND)
+
+
+def local_engines() -> list[str]:
+    """The registered engines that run the model in this process (every one but the remote engine)."""
+    return [name for name in ENGINES if name != REMOTE_KIND]
+
+
+def engine_class(kind: str) -> type[Engine]:
+    """The class registered as ``kind`` (imports its module, which imports nothing heavy until loading)."""
+    if kind not in ENGINES:
+        raise EngineError(f"Unknown engine {kind!r}; choose one of {', '.join(ENGINES)}.")
+    module_name, class_name = ENGINES[kind].split(":")
+    found: type[Engine] = getattr(importlib.import_module(module_name), class_name)
+    return found
 
 
 def load_engine(kind: str, folder: Path, device: str = "CPU", ov_config: dict[str, str] | None = None) -> Engine:
     """Load one precision folder with the named engine (blocking: call it off the event loop)."""
-    if kind not in ENGINES:
-        raise EngineError(f"Unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}.")
-    if not variants.is_complete(folder):
+    if kind == REMOTE_KIND:
+        raise EngineError(f"The {kind} engine talks to a server and loads no folder; choose a local engine.")
+    engine = engine_class(kind)
+    if engine.needs_model_folder and not variants.is_complete(folder):
         raise EngineError(f"Cannot load the model: {variants.describe_missing(folder)}.")
-    module_name, class_name = ENGINES[kind].split(":")
-    engine_class: type[Engine] = getattr(importlib.import_module(module_name), class_name)
-    return engine_class(str(folder), device, ov_config)
+    return engine(str(folder), device, ov_config)
 
 
 class ModelManager:

@@ -51,6 +51,7 @@ class OptimumEngine(ThreadedEngine):
     """Optimum Intel's pipeline: one stateful infer request, so one generation at a time."""
 
     name = "optimum"
+    imports_on_load = ("openvino", "transformers", "optimum.intel")
 
     def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
         super().__init__(model_dir, device, ov_config, thread_name="optimum")

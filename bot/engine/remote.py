@@ -119,6 +119,7 @@ class RemoteEngine(Engine):
     """Streams answers from an OpenAI-compatible server; holds no model in this process."""
 
     name = "openai"
+    needs_model_folder = False
     # The server batches and queues on its own; this bounds what one bot process keeps in flight.
     max_concurrency = 8
 

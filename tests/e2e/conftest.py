@@ -15,6 +15,7 @@ import pytest_asyncio
 
 from bot.client import LlavaBot
 from bot.config import Config, parse_config
+from bot.services import build_services
 from tests.e2e.discord_emulator import DiscordEmulator, running_bot
 from tests.e2e.helpers import ReferenceEngines
 
@@ -46,9 +47,13 @@ async def bot_config(tiny_llava: tuple[Path, Path], tmp_path: Path) -> Config:
 
 @asynccontextmanager
 async def llava_bot(config: Config, emulator: DiscordEmulator) -> AsyncIterator[LlavaBot]:
-    """The real bot, connected to the emulator, ready; closed on exit."""
-    async with running_bot(LlavaBot(config, guild_ready_timeout=0.05), emulator, ready_timeout=60) as bot:
-        yield bot
+    """The real bot on services built from ``config``, connected to the emulator, ready; all closed on exit."""
+    services = await build_services(config)
+    try:
+        async with running_bot(LlavaBot(config, services, guild_ready_timeout=0.05), emulator, ready_timeout=60) as bot:
+            yield bot
+    finally:
+        await services.close()
 
 
 @pytest.fixture(scope="session")

@@ -216,7 +216,7 @@ async def test_nothing_the_model_writes_pings_anyone(bot_config: Config, emulato
         "the end.",
     ]
     async with llava_bot(bot_config, emulator) as bot:
-        bot.models.generate = lambda conversation, settings: scripted_stream(pings)  # type: ignore[method-assign]
+        bot.model_manager.generate = lambda conversation, settings: scripted_stream(pings)  # type: ignore[method-assign]
         asked = await emulator.user_message(
             emulator.channel_id, emulator.user, "Say hi to everyone", attachments=[("a.png", png(), "image/png")]
         )
@@ -264,7 +264,7 @@ async def test_a_restart_while_answering_ends_every_reply_with_a_sentence(
     bot_config.model.max_new_tokens = 1500
     stopped = "I was stopped before I could finish."
     async with llava_bot(bot_config, emulator) as bot:
-        engine = bot.models.engine
+        engine = bot.model_manager.engine
         assert isinstance(engine, GenaiEngine)
         # A slow model: the first answer stays half-written until the others are in line.
         held = HeldPipeline(engine.pipeline, after=50)

@@ -115,7 +115,7 @@ async def test_reset_while_answering_forgets_that_question_too(
 ) -> None:
     image = png(seed=12)
     async with llava_bot(bot_config, emulator) as bot:
-        engine = bot.models.engine
+        engine = bot.model_manager.engine
         assert isinstance(engine, GenaiEngine)
         # A slow model: the question is taken, but the answer only comes once the reset is done.
         held = HeldPipeline(engine.pipeline)
@@ -215,7 +215,7 @@ async def test_switching_precision_while_answering_finishes_the_answer(
 ) -> None:
     bot_config.model.max_new_tokens = 1500
     async with llava_bot(bot_config, emulator) as bot:
-        engine = bot.models.engine
+        engine = bot.model_manager.engine
         assert isinstance(engine, GenaiEngine)
         # A slow model: the answer is half-written while the precision changes.
         held = HeldPipeline(engine.pipeline, after=50)

@@ -55,7 +55,7 @@ async def test_a_busy_bot_queues_refuses_politely_and_answers_everyone(
         return asked
 
     async with llava_bot(bot_config, emulator) as bot:
-        engine = bot.models.engine
+        engine = bot.model_manager.engine
         assert isinstance(engine, GenaiEngine)
         # A slow model: the first answer stays half-written until everyone else has asked.
         held = HeldPipeline(engine.pipeline, after=50)
@@ -161,7 +161,7 @@ async def test_a_model_failure_mid_answer_is_explained_and_the_bot_carries_on(
 ) -> None:
     image = png(seed=9)
     async with llava_bot(bot_config, emulator) as bot:
-        engine = bot.models.engine
+        engine = bot.model_manager.engine
         assert isinstance(engine, GenaiEngine)
         pipeline = engine.pipeline
         engine.pipeline = FailingPipeline(["It is ", "a picture of "], RuntimeError("device lost"))
@@ -171,13 +171,13 @@ async def test_a_model_failure_mid_answer_is_explained_and_the_bot_carries_on(
         failed = await wait_answer(emulator, asked)
         engine.pipeline = pipeline
 
-        generate = bot.models.generate
-        bot.models.generate = lambda conversation, settings: scripted_stream(  # type: ignore[method-assign]
+        generate = bot.model_manager.generate
+        bot.model_manager.generate = lambda conversation, settings: scripted_stream(  # type: ignore[method-assign]
             ["Half an ", "answer"], ValueError("unexpected")
         )
         asked = await emulator.user_message(emulator.thread_id, emulator.user, "Still there?")
         broken = await wait_answer(emulator, asked)
-        bot.models.generate = generate  # type: ignore[method-assign]
+        bot.model_manager.generate = generate  # type: ignore[method-assign]
 
         asked = await emulator.user_message(
             emulator.second_channel_id, emulator.user, "What is this?", attachments=[("a.png", image, "image/png")]

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bot.client import ensure_model, remote_options
 from bot.config import parse_config
 from bot.engine import remote
 from bot.engine.base import Engine, EngineError, GenerationSettings, Turn, with_source
 from bot.engine.manager import ModelManager
 from bot.engine.remote import RemoteEngine, RemoteSettings
+from bot.services import ensure_model, remote_options
 from tests.conftest import sample_image
 from tests.e2e.serve_process import ServeProcess, free_port
 from tests.serve.conftest import API_KEY

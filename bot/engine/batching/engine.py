@@ -85,6 +85,7 @@ class BatchingEngine(TemplateEngine):
     """
 
     name = "genai-batching"
+    imports_on_load = ("openvino", "openvino_genai")
     # Four channels answer together: more sequences per step add attention cost faster than they save
     # passes over the weights on a small CPU (measured: 4 streams give ~2.2x one stream's tokens/s).
     max_concurrency = 4
