@@ -15,9 +15,8 @@ from PIL import Image
 from bot.config import parse_config
 from bot.engine import remote
 from bot.engine.base import Engine, EngineError, GenerationSettings, Turn, with_source
-from bot.engine.manager import ModelManager
 from bot.engine.remote import RemoteEngine, RemoteSettings
-from bot.services import ensure_model, remote_options
+from bot.services import ensure_model, make_model_manager
 from tests.conftest import sample_image
 from tests.e2e.serve_process import ServeProcess, free_port
 from tests.serve.conftest import API_KEY
@@ -170,7 +169,7 @@ async def test_the_manager_loads_it_without_a_model_folder_and_maps_precisions(
     )
     ensure_model(config)  # no converted folder is needed, and none is converted
     assert not (tmp_path / "nothing-converted-here").exists()
-    models = ModelManager(Path(config.model.dir), config.model.engine, **remote_options(config))
+    models = make_model_manager(config)
     assert models.available() == ["INT4", "FP16"]
     try:
         await models.switch("INT4")
