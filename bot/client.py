@@ -61,7 +61,8 @@ class LlavaBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
-        # Loading the model holds the GIL for seconds; what matters is the lag once the bot serves.
+        # Not from the start of the loop: loading the model held the GIL for seconds, and what matters is the
+        # lag once the bot serves.
         self.loop_watch.start()
 
     async def sync_commands(self) -> None:
@@ -184,6 +185,7 @@ async def _serve(config: Config) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
+        await check_token(config.discord.token)
         services = await build_services(config)
         try:
             if not early:
@@ -196,3 +198,12 @@ async def _serve(config: Config) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+async def check_token(token: str) -> None:
+    """Have Discord check the token before the model loads, which can take minutes (raises LoginFailure)."""
+    probe = discord.Client(intents=discord.Intents.none())
+    try:
+        await probe.login(token)
+    finally:
+        await probe.close()

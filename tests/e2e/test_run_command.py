@@ -13,9 +13,7 @@ from tests.e2e.discord_emulator import DiscordEmulator
 from tests.e2e.helpers import png
 
 
-async def test_run_command_answers_and_stops_cleanly(
-    tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
-) -> None:
+def write_config(tmp_path: Path, emulator: DiscordEmulator, model_dir: Path) -> Path:
     config = tmp_path / "config.toml"
     config.write_text(
         f"""
@@ -25,7 +23,7 @@ gateway_url = "{emulator.gateway_url}"
 edit_interval = 0.2
 
 [model]
-dir = "{tiny_llava[1]}"
+dir = "{model_dir}"
 max_new_tokens = 16
 
 [model.ov_config]
@@ -35,6 +33,13 @@ CACHE_DIR = "{tmp_path / "cache"}"
 url = "sqlite+aiosqlite:///{tmp_path / "data" / "bot.sqlite3"}"
 """
     )
+    return config
+
+
+async def test_run_command_answers_and_stops_cleanly(
+    tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
+) -> None:
+    config = write_config(tmp_path, emulator, tiny_llava[1])
     env = {**os.environ, "DISCORD_TOKEN": emulator.token, "HF_HUB_OFFLINE": "1"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", "run", "--config", str(config),
@@ -60,3 +65,23 @@ url = "sqlite+aiosqlite:///{tmp_path / "data" / "bot.sqlite3"}"
     assert "Traceback" not in log
     assert emulator.token not in log, "the token must never be logged"
     assert (tmp_path / "data" / "bot.sqlite3").exists()
+
+
+async def test_a_refused_token_stops_the_bot_before_the_model_loads(
+    tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
+) -> None:
+    config = write_config(tmp_path, emulator, tiny_llava[1])
+    env = {**os.environ, "DISCORD_TOKEN": "not.the.token", "HF_HUB_OFFLINE": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", "--config", str(config),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 120)
+    log = stderr.decode()
+    assert process.returncode == 1, log
+    assert log.strip().splitlines()[-1] == (
+        "llava-bot run: Discord refused the bot token; check DISCORD_TOKEN (Developer Portal > Bot > Token)."
+    )
+    # The operator hears of it at once, not after minutes of loading a large model.
+    assert "Loading" not in log, log
+    assert "Traceback" not in log and "not.the.token" not in log
