@@ -29,6 +29,7 @@ from benchmarks.schema import (
 )
 from benchmarks.summary import apply_bandwidth, best_bandwidth, concurrency_result, fill_engine_result
 from benchmarks.targets import compute_targets, load_baseline
+from bot.engine.manager import engine_class, local_engines
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ def default_engine() -> str:
 
 def known_engines() -> list[str]:
     """Every engine ``load_engine`` runs in this process: the registry's names but the remote engine."""
-    from bot.engine.manager import local_engines
-
     return local_engines()
 
 
@@ -114,7 +113,7 @@ class Runner:
         wanted = options.concurrency_engines
         if wanted is None:
             # Batching engines exist to serve several conversations at once, so they are always timed doing it.
-            wanted = [self.default_engine] + [e for e in known if "batching" in e]
+            wanted = [self.default_engine] + [e for e in known if engine_class(e).max_concurrency > 1]
         self.concurrency_engines = [e for e in dict.fromkeys(wanted) if e in self.engines and options.channels]
 
     # --- the model -------------------------------------------------------------------------------
