@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The engine that streams from an OpenAI-compatible server; it takes the model.base_url family of settings.
+REMOTE_KIND = "openai"
 # The engines, by the name config, the CLI and the benchmark use, as "module:Class". Adding an engine is one
 # module and one line here; modules are imported only when their engine is chosen, so the genai engines never
 # import what optimum needs. A class is built as ``Class(model_dir, device, ov_config)``, except the remote one.
@@ -26,10 +28,8 @@ ENGINES: dict[str, str] = {
     "genai": "bot.engine.genai:GenaiEngine",
     "genai-batching": "bot.engine.batching:BatchingEngine",
     "optimum": "bot.engine.optimum:OptimumEngine",
-    "openai": "bot.engine.remote:RemoteEngine",
+    REMOTE_KIND: "bot.engine.remote:RemoteEngine",
 }
-# The engine that streams from an OpenAI-compatible server; it takes the model.base_url family of settings.
-REMOTE_KIND = "openai"
 
 
 def local_engines() -> list[str]:
