@@ -170,7 +170,7 @@ def run_bot(config: Config) -> int:
 async def _serve(config: Config) -> None:
     # discord.py's Client.run() only turns Ctrl+C into a close, and SIGTERM (a deploy, systemd, docker stop)
     # would end the process at once, leaving replies half-written. Both signals get the graceful path; one
-    # that comes while the model still loads stops the bot as soon as the services are up.
+    # that comes before the bot connects stops it before it does (a model being loaded is loaded first).
     loop = asyncio.get_running_loop()
     bot: LlavaBot | None = None
     early: list[int] = []
@@ -179,13 +179,15 @@ async def _serve(config: Config) -> None:
         if bot is not None:
             bot.request_shutdown(signum)
         elif not early:
-            log.info("%s received while starting: stopping once the model has loaded", signal.Signals(signum).name)
+            log.info("%s received while starting: stopping before connecting to Discord", signal.Signals(signum).name)
             early.append(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         await check_token(config.discord.token)
+        if early:
+            return
         services = await build_services(config)
         try:
             if not early:

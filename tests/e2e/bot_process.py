@@ -101,11 +101,7 @@ class BotProcess:
         """Start the process and wait until it is connected and has synced its slash commands."""
         self.emulator.commands.clear()
         identified = self.emulator.identify_count
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", "run", "--config", str(self.config_path),
-            cwd=ROOT, env=self.env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        self._reader = asyncio.create_task(self._collect())
+        await self.launch()
 
         def ready() -> bool | None:
             if self.process is not None and self.process.returncode is not None:
@@ -113,6 +109,14 @@ class BotProcess:
             return (self.emulator.identify_count > identified and bool(self.emulator.commands.get(None))) or None
 
         await self.emulator.wait_for(ready, ready_timeout)
+
+    async def launch(self) -> None:
+        """Start the process without waiting for it to connect."""
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "run", "--config", str(self.config_path),
+            cwd=ROOT, env=self.env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        self._reader = asyncio.create_task(self._collect())
 
     async def _collect(self) -> None:
         assert self.process is not None and self.process.stderr is not None

@@ -475,6 +475,8 @@ class DiscordEmulator:
         self._edit_limit: _EditLimit | None = None
         self._changed = asyncio.Event()
         self._last_request_at = 0.0
+        # Routes whose answers wait until their event is set (a slow Discord), by path.
+        self._held: dict[str, asyncio.Event] = {}
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -671,6 +673,13 @@ class DiscordEmulator:
         if description is not None:
             payload["description"] = description
         return payload
+
+    def hold(self, path: str) -> asyncio.Event:
+        """Make requests to ``path`` (e.g. ``/users/@me``) wait for their answer until the returned event is set.
+
+        They are recorded in :attr:`requests` on arrival, so a test can wait for one and act while it waits.
+        """
+        return self._held.setdefault(path, asyncio.Event())
 
     def expire_interaction_token(self, interaction: InteractionRecord) -> None:
         """Age ``interaction`` past its token's 15 minutes: its webhook then answers 401 Invalid Webhook Token."""
@@ -1499,6 +1508,10 @@ class DiscordEmulator:
             )
             self.requests.append(recorded)
             self._last_request_at = asyncio.get_running_loop().time()
+            held = self._held.get(recorded.path)
+            if held is not None:
+                self._notify()
+                await held.wait()
             try:
                 if auth and request.headers.get("Authorization") != f"Bot {self.token}":
                     raise ApiError(401, 0, "401: Unauthorized")

@@ -144,6 +144,31 @@ async def test_sigterm_closes_answers_that_outlast_the_grace_period(
     assert turns(emulator.channel_id)[0].image_sha256 is not None
 
 
+async def test_sigterm_while_starting_stops_before_the_bot_goes_online(
+    tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
+) -> None:
+    # Discord is slow to answer the login: the deploy's SIGTERM comes while the bot waits for it.
+    login = emulator.hold("/users/@me")
+    bot = BotProcess(emulator, tiny_llava[1], tmp_path)
+    try:
+        await bot.launch()
+        await emulator.wait_for(lambda: any(r.path == "/users/@me" for r in emulator.requests), 60)
+        bot.signal(signal.SIGTERM)
+        await emulator.wait_for(lambda: "SIGTERM received while starting" in bot.log(), 30)
+        login.set()
+        code = await bot.wait_exit(60)
+    finally:
+        login.set()
+        await bot.stop()
+    log = bot.log()
+
+    assert code == 0, log
+    assert emulator.identify_count == 0, "the bot went online although it was asked to stop"
+    # Nothing slow started either: the model was never loaded.
+    assert "Loading" not in log, log
+    assert "Traceback" not in log
+
+
 # --- kill -9, then a restart -----------------------------------------------------------------------
 async def test_a_restart_closes_the_replies_a_crash_left_open(
     tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
