@@ -6,7 +6,7 @@ to serve many channels from one process (WAL, a busy timeout, foreign keys).
 The schema is owned by the Alembic scripts in ``migrations/``. There is no ``alembic.ini``: the
 configuration is built here, so ``llava-bot db upgrade`` and the bot's start-up share one code path::
 
-    await upgrade(url)          # from async code, e.g. setup_hook
+    await upgrade(url)          # from async code, e.g. build_services
     upgrade_sync(url)           # from synchronous code, e.g. the CLI
 """
 
