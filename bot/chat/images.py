@@ -87,7 +87,7 @@ def load_image(data: bytes, limits: ImageLimits) -> ImageRef:
     The upload itself is stored when its longest side is within ``limits.max_side``; otherwise a PNG of
     the shrunk picture is. The reference names the stored bytes (hashed here, once, for the whole way to
     the engine), and its ``image`` is decoded from them, so the first answer and every later follow-up
-    (which reload the bytes from the store, see :func:`stored_image`) see exactly the same pixels.
+    (which reload the bytes with :func:`stored_image`) see exactly the same pixels.
     Blocking (decoding takes tens of milliseconds): run it with ``asyncio.to_thread``.
     """
     check_size(len(data), limits)
@@ -129,19 +129,11 @@ def load_image(data: bytes, limits: ImageLimits) -> ImageRef:
     return ImageRef.from_data(stored, mime, picture)
 
 
-def decode_stored(data: bytes) -> Image.Image:
-    """The picture the model sees for stored image bytes: first frame, upright, RGB.
-
-    :func:`load_image` produces its ``image`` the same way, so a follow-up that reloads the stored bytes
-    sees exactly the pixels of the first answer.
-    """
-    with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as source:
-        return _upright_rgb(source)
-
-
 def stored_image(sha256: str, data: bytes) -> ImageRef:
-    """The reference to an image reloaded from the store, where ``sha256`` is its key (checked on the way in).
+    """The reference to stored image bytes, reloaded by their key ``sha256`` (the store derived it from them).
 
+    Its picture is what the model sees: first frame, upright, RGB. :func:`load_image` produces its ``image``
+    the same way, so a follow-up that reloads the stored bytes sees exactly the pixels of the first answer.
     Blocking (it decodes): run it with ``asyncio.to_thread``.
     """
     with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as source:
