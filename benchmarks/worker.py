@@ -32,7 +32,7 @@ from benchmarks.workload import (
     make_image,
     timed_generation,
 )
-from bot.engine.base import Engine, GenerationSettings, Turn
+from bot.engine.base import Engine, GenerationSettings, ImageRef, Turn
 from bot.engine.ov_config import parse_pairs
 
 log = logging.getLogger(__name__)
@@ -158,12 +158,14 @@ async def _single_runs(engine: Engine, runs: int, new_tokens: int, follow_up_tok
     follow = GenerationSettings(max_new_tokens=follow_up_tokens, ignore_eos=True)
     # The first request after loading pays one-off costs (allocations, kernel selection) that a running bot
     # pays once at start, not per question.
-    await timed_generation(engine, [Turn("user", FIRST_QUESTION, (make_image(_WARM_UP_SEED),))], follow)
+    await timed_generation(
+        engine, [Turn("user", FIRST_QUESTION, (ImageRef.from_image(make_image(_WARM_UP_SEED)),))], follow
+    )
     samples = []
     lag = LoopLag()
     async with lag.measuring():
         for run in range(runs):
-            first = [Turn("user", FIRST_QUESTION, (make_image(_RUN_SEED + run),))]
+            first = [Turn("user", FIRST_QUESTION, (ImageRef.from_image(make_image(_RUN_SEED + run)),))]
             answer = await timed_generation(engine, first, decode)
             # The follow-up is what the bot sends for a second question in the same channel: the whole
             # history, image included, with the answer as the model gave it.
@@ -189,7 +191,9 @@ async def _concurrent_runs(engine: Engine, channels: Sequence[int], runs: int, n
     for count in channels:
         reps = []
         for _ in range(runs):
-            conversations = [[Turn("user", FIRST_QUESTION, (make_image(seed + i),))] for i in range(count)]
+            conversations = [
+                [Turn("user", FIRST_QUESTION, (ImageRef.from_image(make_image(seed + i)),))] for i in range(count)
+            ]
             seed += count
             lag = LoopLag()
             async with lag.measuring():

@@ -69,6 +69,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 # --- chat ----------------------------------------------------------------------------------------
 def _load_image(path: str) -> object:
+    """The image file at ``path``, checked and normalised as the bot does with an upload."""
     from bot.chat.images import ImageLimits, ImageRejected, load_image
 
     try:
@@ -76,7 +77,7 @@ def _load_image(path: str) -> object:
     except OSError as error:
         raise CliError(f"Cannot read image {path}: {error.strerror or error}") from error
     try:
-        return load_image(data, ImageLimits()).image
+        return load_image(data, ImageLimits())
     except ImageRejected as error:
         raise CliError(f"{path}: {error}") from error
 

@@ -7,7 +7,6 @@ before any pixel is decoded, so a small file that expands to gigabytes is turned
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import warnings
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 
 import aiohttp
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from bot.engine.base import ImageRef
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +64,6 @@ class ImageLimits:
     max_side: int = 2048
 
 
-@dataclass(frozen=True)
-class PreparedImage:
-    """An upload ready for the model and the history store.
-
-    ``image`` is decoded from ``data`` itself, so the first answer and every later follow-up (which
-    reload ``data`` from the store) see exactly the same pixels. ``sha256`` is the hex digest of ``data``.
-    """
-
-    image: Image.Image
-    data: bytes
-    mime: str
-    width: int
-    height: int
-    sha256: str
-
-
 def _format_mb(n_bytes: int) -> str:
     megabytes = n_bytes / _MB
     if megabytes < 0.1:
@@ -96,11 +81,13 @@ def check_size(n_bytes: int, limits: ImageLimits) -> None:
         raise ImageRejected(TOO_LARGE.format(size=_format_mb(n_bytes), limit=_format_mb(limits.max_bytes)))
 
 
-def load_image(data: bytes, limits: ImageLimits) -> PreparedImage:
+def load_image(data: bytes, limits: ImageLimits) -> ImageRef:
     """Validate an uploaded image and decide what to store; raises :class:`ImageRejected` with a sentence.
 
     The upload itself is stored when its longest side is within ``limits.max_side``; otherwise a PNG of
-    the shrunk picture is. ``image`` is what :func:`decode_stored` makes of the stored bytes.
+    the shrunk picture is. The reference names the stored bytes (hashed here, once, for the whole way to
+    the engine), and its ``image`` is decoded from them, so the first answer and every later follow-up
+    (which reload the bytes with :func:`stored_image`) see exactly the same pixels.
     Blocking (decoding takes tens of milliseconds): run it with ``asyncio.to_thread``.
     """
     check_size(len(data), limits)
@@ -139,24 +126,19 @@ def load_image(data: bytes, limits: ImageLimits) -> PreparedImage:
         picture.height,
         len(stored),
     )
-    return PreparedImage(
-        image=picture,
-        data=stored,
-        mime=mime,
-        width=picture.width,
-        height=picture.height,
-        sha256=hashlib.sha256(stored).hexdigest(),
-    )
+    return ImageRef.from_data(stored, mime, picture)
 
 
-def decode_stored(data: bytes) -> Image.Image:
-    """The picture the model sees for stored image bytes: first frame, upright, RGB.
+def stored_image(sha256: str, data: bytes) -> ImageRef:
+    """The reference to stored image bytes, reloaded by their key ``sha256`` (the store derived it from them).
 
-    :func:`load_image` produces its ``image`` the same way, so a follow-up that reloads the stored bytes
-    sees exactly the pixels of the first answer.
+    Its picture is what the model sees: first frame, upright, RGB. :func:`load_image` produces its ``image``
+    the same way, so a follow-up that reloads the stored bytes sees exactly the pixels of the first answer.
+    Blocking (it decodes): run it with ``asyncio.to_thread``.
     """
     with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as source:
-        return _upright_rgb(source)
+        mime = _MIME_TYPES.get(str(source.format), "application/octet-stream")
+        return ImageRef(sha256, _upright_rgb(source), data, mime)
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:

@@ -6,9 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from PIL import Image
-
-from bot.engine.base import ContextTooLong, Turn
+from bot.engine.base import ContextTooLong, ImageRef, Turn
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +32,7 @@ class BuiltPrompt:
 
 def build_prompt(
     history: Sequence[HistoryTurn],
-    load_image: Callable[[str], Image.Image],
+    load_image: Callable[[str], ImageRef],
     count_tokens: Callable[[Sequence[Turn]], int],
     context_window: int,
     reserve: int,

@@ -15,14 +15,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
-from bot.chat.images import PreparedImage, decode_stored
+from bot.chat.images import stored_image
 from bot.chat.prompt import BuiltPrompt, HistoryTurn, build_prompt
 from bot.chat.scheduler import AlreadyAsking, QueueFull, Scheduler
 from bot.chat.stopping import RunningAnswer, RunningAnswers, Stopped, StopReason
 from bot.chat.streaming import ReplyStreamer
-from bot.engine.base import EngineError, GenerationSettings, with_source
+from bot.engine.base import EngineError, GenerationSettings, ImageRef
 from bot.engine.lru import LruCache
 from bot.engine.manager import ModelManager
 from bot.store.history import HistoryStore, StoredImage, StoredTurn
@@ -54,7 +52,7 @@ class Question:
     author_id: int
     author_name: str
     text: str
-    image: PreparedImage | None = None
+    image: ImageRef | None = None
     message_id: int | None = None
     # A line shown after the answer (not stored), e.g. which attachments were not looked at.
     note: str = ""
@@ -99,7 +97,7 @@ class ChatService:
         self.settings = settings
         self.history_turns = history_turns
         # Decoded images by content hash: follow-ups reuse the picture without decoding it again.
-        self._images: LruCache[str, Image.Image] = LruCache(16)
+        self._images: LruCache[str, ImageRef] = LruCache(16)
         # How often each channel was reset: an answer finishing after a reset must not be stored.
         self._resets: collections.Counter[int] = collections.Counter()
         # The same for each person's /forget: their answer in flight must not be stored after it.
@@ -161,10 +159,7 @@ class ChatService:
         since = await self._since(question)
         await self._follow_precision()
         prompt = await self._prompt(question)
-        image = None
-        if question.image is not None:
-            prepared = question.image
-            image = StoredImage(prepared.data, prepared.mime, prepared.width, prepared.height)
+        image = StoredImage.from_ref(question.image) if question.image is not None else None
         running.check()
         # The question is stored before generating so that a crash mid-answer keeps the image for follow-ups.
         turn_id = await self.store.add_user_turn(
@@ -300,17 +295,17 @@ class ChatService:
         history = [HistoryTurn(t.role, t.text, t.image_sha256) for t in stored]
         history.append(HistoryTurn("user", question.text, question.image.sha256 if question.image else None))
         if question.image is not None:
-            self._images.put(question.image.sha256, with_source(question.image.image, question.image.data))
+            self._images.put(question.image.sha256, question.image)
         sha = next((h.image_sha256 for h in reversed(history) if h.image_sha256), None)
         if sha is not None and self._images.get(sha) is None:
             data = await self.store.image_bytes(sha)
             if data is None:
                 raise EngineError("The image of this conversation is gone; please send it again.")
-            self._images.put(sha, with_source(await asyncio.to_thread(decode_stored, data), data))
+            self._images.put(sha, await asyncio.to_thread(stored_image, sha, data))
         images = self._images
         models = self.models
 
-        def load(sha256: str) -> Image.Image:
+        def load(sha256: str) -> ImageRef:
             image = images.get(sha256)
             assert image is not None, "fetched above"
             return image

@@ -17,7 +17,6 @@ from bot.chat.images import (
     NOT_AN_IMAGE,
     ImageLimits,
     ImageRejected,
-    PreparedImage,
     check_size,
     download,
     load_image,
@@ -28,6 +27,7 @@ from bot.chat.spoilers import SpoilerStreamer
 from bot.chat.streaming import ReplyStreamer
 from bot.cogs.gate import QuestionGate
 from bot.cogs.replies import NO_PINGS, InteractionSink, MessageReplySink
+from bot.engine.base import ImageRef
 from bot.store.replies import Interaction
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ _MENTION = re.compile(r"<@!?(\d+)>")
 class PickedImage:
     """The image a question is about, whether it was sent as a spoiler, and a note on the files not used."""
 
-    image: PreparedImage
+    image: ImageRef
     spoiler: bool
     note: str
 
@@ -233,7 +233,7 @@ class ChatCog(commands.Cog):
         telling = [error for error in rejections if str(error) != NOT_AN_IMAGE]
         raise (telling or rejections or [ImageRejected(NOT_AN_IMAGE)])[0]
 
-    async def prepare(self, attachment: discord.Attachment) -> PreparedImage:
+    async def prepare(self, attachment: discord.Attachment) -> ImageRef:
         """Download one attachment and check it; raises ImageRejected with the reason."""
         check_size(attachment.size, self.limits)
         data = await download(self.bot.http_session, attachment.url, self.limits)

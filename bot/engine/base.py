@@ -5,11 +5,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import hashlib
+import io
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from PIL import Image
@@ -20,12 +22,50 @@ Role = Literal["user", "assistant"]
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """One picture as it travels from upload to engine: its identity, its pixels and its stored file.
+
+    ``sha256`` is the hex digest of ``data``, computed once where the bytes first arrive
+    (:meth:`from_data`); everything after (the store, the engines' caches) names the picture by it instead
+    of hashing again. ``image`` is the RGB picture the model sees, decoded from ``data``; ``data`` is sent
+    as it is by engines that pass the file on (re-encoding could change the pixels). Two references are
+    equal when their files are.
+    """
+
+    sha256: str
+    image: Image.Image = field(repr=False, compare=False)
+    data: bytes = field(repr=False, compare=False)
+    mime: str = field(compare=False)
+
+    @classmethod
+    def from_data(cls, data: bytes, mime: str, image: Image.Image) -> ImageRef:
+        """A reference to ``data`` (an encoded file of type ``mime``) that decodes to ``image``."""
+        return cls(hashlib.sha256(data).hexdigest(), image, data, mime)
+
+    @classmethod
+    def from_image(cls, image: Image.Image) -> ImageRef:
+        """A reference to a picture that has no file yet: it gets a lossless PNG, so the pixels stay exact."""
+        rgb = image.convert("RGB")
+        buffer = io.BytesIO()
+        rgb.save(buffer, "PNG")
+        return cls.from_data(buffer.getvalue(), "image/png", rgb)
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+
+@dataclass(frozen=True)
 class Turn:
-    """One message of a conversation; a user turn may carry images (RGB PIL images)."""
+    """One message of a conversation; a user turn may carry images."""
 
     role: Role
     text: str
-    images: tuple[Image.Image, ...] = ()
+    images: tuple[ImageRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,23 +81,6 @@ class GenerationSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
-
-
-# Key in a PIL image's ``info`` holding the encoded file the image was decoded from. An engine that sends
-# images elsewhere (the remote engine) sends those bytes as they are: re-encoding could change the pixels.
-_SOURCE_KEY = "llava_bot.source"
-
-
-def with_source(image: Image.Image, data: bytes) -> Image.Image:
-    """Remember on ``image`` the encoded bytes it was decoded from; returns ``image``."""
-    image.info[_SOURCE_KEY] = data
-    return image
-
-
-def source_of(image: Image.Image) -> bytes | None:
-    """The encoded bytes recorded by :func:`with_source`, if any."""
-    data = image.info.get(_SOURCE_KEY)
-    return data if isinstance(data, bytes) else None
 
 
 class EngineError(RuntimeError):

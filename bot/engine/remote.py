@@ -27,7 +27,15 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 from PIL import Image
 
-from bot.engine.base import ContextTooLong, Engine, EngineError, GenerationSettings, TextStream, Turn, source_of
+from bot.engine.base import (
+    ContextTooLong,
+    Engine,
+    EngineError,
+    GenerationSettings,
+    ImageRef,
+    TextStream,
+    Turn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +80,17 @@ class RemoteSettings:
     tokenizer_dir: Path | None = None
 
 
-def image_url(image: Image.Image) -> str:
-    """A base64 ``data:`` URL of the image: its stored file as it is when known, else a lossless PNG."""
-    data = source_of(image)
-    if data is not None:
-        with contextlib.suppress(Exception), Image.open(io.BytesIO(data)) as opened:
-            mime = _SENT_AS_IS.get(str(opened.format))
-            if mime is not None:
-                return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+def image_url(ref: ImageRef) -> str:
+    """A base64 ``data:`` URL of the image: its stored file as it is when every server reads that format,
+    else a lossless PNG of the picture."""
+    # The header says what the file is: a phone's JPEG with a second picture (MPO) is stored as
+    # image/jpeg, but servers may read it differently, so it goes as PNG like other formats.
+    with contextlib.suppress(Exception), Image.open(io.BytesIO(ref.data)) as opened:
+        mime = _SENT_AS_IS.get(str(opened.format))
+        if mime is not None:
+            return f"data:{mime};base64,{base64.b64encode(ref.data).decode('ascii')}"
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "PNG")
+    ref.image.convert("RGB").save(buffer, "PNG")
     return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from bot.engine import preprocess
-from bot.engine.base import EngineError, Turn
+from bot.engine.base import EngineError, ImageRef, Turn
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,12 @@ class ChatTemplate:
             add_generation_prompt=True,
             **self.special_tokens,
         )
-        images = [image for turn in conversation for image in turn.images]
-        return str(text), images
+        return str(text), [ref.image for ref in self.image_refs(conversation)]
+
+    @staticmethod
+    def image_refs(conversation: Sequence[Turn]) -> list[ImageRef]:
+        """The conversation's images in prompt order, as :meth:`render` places them."""
+        return [ref for turn in conversation for ref in turn.images]
 
     def image_tokens(self, image: Image.Image) -> int:
         """Tokens one image takes in the prompt."""

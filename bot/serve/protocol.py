@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from bot.engine.base import GenerationSettings, Turn
+from bot.engine.base import GenerationSettings, ImageRef, Turn
 
 # Formats a client may send (what the bot accepts from people).
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -127,7 +127,7 @@ def _turn(index: int, message: Any) -> Turn:
     if not isinstance(content, list):
         raise invalid(f"messages[{index}].content must be a string or a list of parts.")
     texts: list[str] = []
-    images: list[Image.Image] = []
+    images: list[ImageRef] = []
     for j, part in enumerate(content):
         where = f"messages[{index}].content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -144,8 +144,9 @@ def _turn(index: int, message: Any) -> Turn:
     return Turn(role, "\n".join(texts), tuple(images))
 
 
-def decode_image(url: Any, where: str) -> Image.Image:
-    """An RGB image from a base64 ``data:`` URL; refuses other URLs, bad base64 and undecodable files."""
+def decode_image(url: Any, where: str) -> ImageRef:
+    """The image of a base64 ``data:`` URL (its file and its RGB picture); refuses other URLs, bad base64
+    and undecodable files."""
     match = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
     if match is None:
         raise invalid(f"{where}: images must be base64 data: URLs.", "invalid_image_url")
@@ -160,7 +161,8 @@ def decode_image(url: Any, where: str) -> Image.Image:
                 if opened.width * opened.height > MAX_IMAGE_PIXELS:
                     raise invalid(f"{where}: the image has too many pixels.", "invalid_image")
                 opened.load()
-                return _rgb(opened)
+                mime = opened.get_format_mimetype() or "application/octet-stream"
+                return ImageRef.from_data(data, mime, _rgb(opened))
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Warning) as error:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.engine.base import Role
+from bot.engine.base import ImageRef, Role
 from bot.store import privacy
 from bot.store.privacy import Removed
 from bot.store.tables import ImageRow, SettingRow, TurnMessageRow, TurnRow, utcnow
@@ -32,16 +32,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StoredImage:
-    """A normalised image as the store keeps it; ``sha256`` (hex) is derived from ``data``."""
+    """A normalised image as the store keeps it, under the SHA-256 (hex) of ``data``.
+
+    Built from bytes, the key is derived from them here. Built from an :class:`~bot.engine.base.ImageRef`
+    (:meth:`from_ref`), it is the digest the reference took when the bytes arrived, not computed again.
+    """
 
     data: bytes = field(repr=False)
     mime: str
     width: int
     height: int
     sha256: str = field(init=False)
+    # The digest already known for ``data``; only :meth:`from_ref` passes it.
+    _known_sha256: InitVar[str | None] = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sha256", hashlib.sha256(self.data).hexdigest())
+    def __post_init__(self, _known_sha256: str | None) -> None:
+        digest = _known_sha256 or hashlib.sha256(self.data).hexdigest()
+        object.__setattr__(self, "sha256", digest)
+
+    @classmethod
+    def from_ref(cls, ref: ImageRef) -> StoredImage:
+        """The stored form of an image the chat layer took in (and hashed) already."""
+        return cls(ref.data, ref.mime, ref.width, ref.height, ref.sha256)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from bot.chat import images
-from bot.chat.images import ImageLimits, ImageRejected, PreparedImage, decode_stored, download, load_image
+from bot.chat.images import ImageLimits, ImageRejected, download, load_image, stored_image
+from bot.engine.base import ImageRef
 
 MB = 1024 * 1024
 LIMITS = ImageLimits()
@@ -125,7 +126,9 @@ def test_follow_ups_see_the_same_pixels(upload: object) -> None:
     prepared = load_image(upload(), LIMITS)
     assert prepared.sha256 == hashlib.sha256(prepared.data).hexdigest()
     # A follow-up question reloads the stored bytes: it must see the very same pixels.
-    again = decode_stored(prepared.data)
+    reloaded = stored_image(prepared.sha256, prepared.data)
+    assert reloaded == prepared and reloaded.mime == prepared.mime
+    again = reloaded.image
     assert again.mode == prepared.image.mode == "RGB"
     assert again.size == prepared.image.size
     assert again.tobytes() == prepared.image.tobytes()
@@ -139,7 +142,7 @@ def test_same_upload_gives_same_digest() -> None:
 def test_format_comes_from_content_not_name() -> None:
     # A JPEG whose bytes would be saved as "photo.png" is still read as the JPEG it is.
     prepared = load_image(encode(halves((20, 20), RED, BLUE), "JPEG"), LIMITS)
-    assert isinstance(prepared, PreparedImage)
+    assert isinstance(prepared, ImageRef)
 
 
 def test_exif_orientation_is_applied() -> None:

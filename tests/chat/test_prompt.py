@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from bot.chat.prompt import HistoryTurn, answered_turns, build_prompt
-from bot.engine.base import ContextTooLong, Turn
+from bot.engine.base import ContextTooLong, ImageRef, Turn
 
 IMAGE_TOKENS = 50
-PICTURE = Image.new("RGB", (4, 4), (10, 20, 30))
+PICTURE = ImageRef.from_image(Image.new("RGB", (4, 4), (10, 20, 30)))
 
 
 def count(conversation: Sequence[Turn]) -> int:
@@ -19,7 +19,7 @@ def count(conversation: Sequence[Turn]) -> int:
     return sum(len(turn.text.split()) + IMAGE_TOKENS * len(turn.images) + 2 for turn in conversation)
 
 
-def load(sha256: str) -> Image.Image:
+def load(sha256: str) -> ImageRef:
     assert sha256 == "cat", f"only the cat picture exists, asked for {sha256}"
     return PICTURE
 
@@ -87,7 +87,9 @@ def test_history_must_end_with_the_new_question() -> None:
 
 
 # --- questions that never got an answer ---------------------------------------------------------
-PICTURES = {sha: Image.new("RGB", (8, 8), colour) for sha, colour in (("cat", "red"), ("dog", "blue"))}
+PICTURES = {
+    sha: ImageRef.from_image(Image.new("RGB", (8, 8), colour)) for sha, colour in (("cat", "red"), ("dog", "blue"))
+}
 
 
 def words(conversation: Sequence[Turn]) -> int:

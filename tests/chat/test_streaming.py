@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import pytest
 
 from bot.chat import streaming
-from bot.chat.streaming import ReplyStreamer, split_message
+from bot.chat.splitting import split_message
+from bot.chat.streaming import ReplyStreamer
 
 INTERVAL = 0.05
 MARKER = streaming.DEFAULT_MARKER

@@ -11,12 +11,10 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from PIL import Image
-
 from bot.chat.images import ImageLimits, load_image
 from bot.chat.streaming import DEFAULT_MARKER
 from bot.config import Config
-from bot.engine.base import Engine, GenerationSettings, TextStream, Turn
+from bot.engine.base import Engine, GenerationSettings, ImageRef, TextStream, Turn
 from bot.engine.manager import load_engine
 from tests.conftest import sample_image
 from tests.e2e.discord_emulator import JSON, DiscordEmulator, InteractionRecord, MessageRecord
@@ -38,9 +36,9 @@ def jpeg(seed: int = 0, size: tuple[int, int] = (240, 180)) -> bytes:
     return buffer.getvalue()
 
 
-def seen_by_model(upload: bytes) -> Image.Image:
+def seen_by_model(upload: bytes) -> ImageRef:
     """The picture the bot shows the model for ``upload`` (normalised exactly as the bot does)."""
-    return load_image(upload, ImageLimits()).image
+    return load_image(upload, ImageLimits())
 
 
 def png_header_only(width: int, height: int) -> bytes:

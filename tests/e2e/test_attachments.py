@@ -12,7 +12,7 @@ from PIL import Image
 from bot.chat.images import NOT_AN_IMAGE
 from bot.cogs.chat import REPLIED_HIDDEN
 from bot.config import Config
-from bot.engine.base import Turn
+from bot.engine.base import ImageRef, Turn
 from tests.e2e.conftest import llava_bot
 from tests.e2e.discord_emulator import DiscordEmulator
 from tests.e2e.helpers import ReferenceEngines, jpeg, png, replies_to, text_of, unanswered, wait_answer
@@ -23,10 +23,10 @@ NOTES = b"Shopping list: apples, bread, milk.\n"
 SPOILER_TAGS = re.compile(r"\|\|([^|]*)\|\|")
 
 
-def as_sent(upload: bytes) -> Image.Image:
+def as_sent(upload: bytes) -> ImageRef:
     """The picture in ``upload`` as any viewer decodes it (independent of the bot's own image code)."""
     with Image.open(io.BytesIO(upload)) as picture:
-        return picture.convert("RGB")
+        return ImageRef.from_image(picture.convert("RGB"))
 
 
 def note_of(answer: str) -> str:

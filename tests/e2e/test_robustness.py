@@ -278,7 +278,7 @@ async def test_a_database_at_the_previous_revision_is_upgraded_and_its_history_u
         reset = await emulator.slash_command("reset", user=emulator.user)
         reset_text = text_of(await wait_response(emulator, reset, quiet=0.3))
     conversation = [
-        Turn("user", "What is in it?", (picture.image,)),
+        Turn("user", "What is in it?", (picture,)),
         Turn("assistant", old_answer.content),
         Turn("user", "Which one is bigger?"),
     ]

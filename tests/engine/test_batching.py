@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bot.engine.base import EngineError, GenerationSettings, Turn
+from bot.engine.base import EngineError, GenerationSettings, ImageRef, Turn
 from bot.engine.batching import BatchingEngine, EmbedInputs, IncrementalText
 from bot.engine.manager import load_engine
 from bot.engine.template import ChatTemplate
@@ -48,7 +48,10 @@ async def engine(tiny_llava: tuple[Path, Path]) -> AsyncIterator[BatchingEngine]
 def channels() -> list[list[Turn]]:
     """Four channels' questions, each about its own picture."""
     questions = ["What is unusual in this picture?", "Describe the colours.", "Is it a photo?", "What is on the left?"]
-    return [[Turn("user", q, (sample_image((120 + 30 * i, 90), seed=i),))] for i, q in enumerate(questions)]
+    return [
+        [Turn("user", q, (ImageRef.from_image(sample_image((120 + 30 * i, 90), seed=i)),))]
+        for i, q in enumerate(questions)
+    ]
 
 
 async def test_concurrent_answers_match_each_run_alone(tiny_llava: tuple[Path, Path]) -> None:
@@ -100,7 +103,7 @@ async def test_follow_up_after_interleaving_reuses_work_and_matches_from_scratch
     assert reused == reference_text(checkpoint, follow_up, 16)
 
     # The same words about a different picture do not extend A's conversation: the new image is encoded.
-    other = [Turn("user", a[0].text, (sample_image((100, 100), seed=7),)), *follow_up[1:]]
+    other = [Turn("user", a[0].text, (ImageRef.from_image(sample_image((100, 100), seed=7)),)), *follow_up[1:]]
     await answer(engine, other, max_new_tokens=4, ignore_eos=True)
     assert engine.images_encoded == encoded + 1
 
@@ -109,14 +112,14 @@ def test_prompt_of_a_seen_image_is_built_exactly_as_the_processor_builds_it(engi
     """A follow-up skips resizing its image; its token ids and pixels are still the transformers processor's."""
     from transformers import AutoProcessor
 
-    conversation = [Turn("user", "Look at this.", (sample_image((200, 150), seed=5),))]
+    conversation = [Turn("user", "Look at this.", (ImageRef.from_image(sample_image((200, 150), seed=5)),))]
     follow_up = [*conversation, Turn("assistant", "I see it."), Turn("user", "Is it round?")]
     first = engine.inputs(conversation)
     again = engine.inputs(follow_up)
     assert isinstance(first, EmbedInputs) and isinstance(again, EmbedInputs)
     processor = AutoProcessor.from_pretrained(engine.model_dir)
     text = processor.apply_chat_template(ChatTemplate.messages(follow_up), add_generation_prompt=True, tokenize=False)
-    images = [image for turn in follow_up for image in turn.images]
+    images = [ref.image for turn in follow_up for ref in turn.images]
     expected = processor(images=images, text=text, return_tensors="np")
     assert np.array_equal(again.input_ids, expected["input_ids"])
     assert again.images[0][0] == first.images[0][0]
@@ -177,7 +180,7 @@ async def test_llava_next_goes_through_genai_image_handling(tiny_llava_next: tup
     """LLaVA-NeXT images go through genai's own encoder: the answer matches the reference, and a follow-up
     (whose KV prefix is reused) matches the same follow-up computed from scratch."""
     checkpoint, out = tiny_llava_next
-    conversation = [Turn("user", "What is in the picture?", (sample_image((160, 100)),))]
+    conversation = [Turn("user", "What is in the picture?", (ImageRef.from_image(sample_image((160, 100))),))]
     follow_up = [*conversation, Turn("assistant", "a ball"), Turn("user", "Where is it?")]
     engine = await load(out / "FP16", F32)
     try:

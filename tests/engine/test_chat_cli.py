@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bot.engine.base import Turn
+from bot.engine.base import ImageRef, Turn
 from tests.conftest import ROOT, sample_image
 from tests.engine.test_engines import reference_text
 
@@ -42,7 +42,7 @@ def test_chat_cli_answer_to_a_png_equals_the_reference(tiny_llava: tuple[Path, P
     detailed_picture().save(path, "PNG")
 
     with Image.open(path) as sent:
-        expected = reference_text(checkpoint, [Turn("user", QUESTION, (sent,))], NEW_TOKENS)
+        expected = reference_text(checkpoint, [Turn("user", QUESTION, (ImageRef.from_image(sent),))], NEW_TOKENS)
     assert expected.strip(), "the reference produced no text; the fixture model is unusable"
     assert chat_cli(out / "FP16", path) == expected + "\n"
 
@@ -52,4 +52,5 @@ def test_chat_cli_answer_to_a_png_equals_the_reference(tiny_llava: tuple[Path, P
     with Image.open(path) as sent:
         sent.save(buffer, "JPEG", quality=92, subsampling=0)
     with Image.open(buffer) as recompressed:
-        assert reference_text(checkpoint, [Turn("user", QUESTION, (recompressed,))], NEW_TOKENS) != expected
+        seen = ImageRef.from_image(recompressed)
+        assert reference_text(checkpoint, [Turn("user", QUESTION, (seen,))], NEW_TOKENS) != expected

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bot.engine.base import Engine, GenerationSettings, Turn
+from bot.engine.base import Engine, GenerationSettings, ImageRef, Turn
 from bot.engine.manager import ModelManager, load_engine
 from tests.conftest import F32, sample_image
 
@@ -34,7 +34,7 @@ def reference_text(checkpoint: Path, conversation: list[Turn], new_tokens: int) 
     text = processor.apply_chat_template(
         ChatTemplate.messages(conversation), add_generation_prompt=True, tokenize=False
     )
-    images = [image for turn in conversation for image in turn.images]
+    images = [ref.image for turn in conversation for ref in turn.images]
     inputs = processor(images=images or None, text=text, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -49,7 +49,7 @@ async def answer(engine: Engine, conversation: list[Turn], **settings: Any) -> t
 
 @pytest.fixture(scope="module")
 def conversation() -> list[Turn]:
-    return [Turn("user", "What is unusual in this picture?", (sample_image(),))]
+    return [Turn("user", "What is unusual in this picture?", (ImageRef.from_image(sample_image()),))]
 
 
 @pytest.mark.parametrize("kind", ENGINES)
@@ -71,7 +71,7 @@ async def test_follow_up_turns_match_reference(tiny_llava: tuple[Path, Path]) ->
     """A multi-turn conversation renders through the chat template the same way in both engines."""
     checkpoint, out = tiny_llava
     conversation = [
-        Turn("user", "Describe the image.", (sample_image(seed=2),)),
+        Turn("user", "Describe the image.", (ImageRef.from_image(sample_image(seed=2)),)),
         Turn("assistant", "a red ball on the grass"),
         Turn("user", "And what colour is it?"),
     ]
@@ -112,7 +112,7 @@ async def test_llava_next_matches_reference(tiny_llava_next: tuple[Path, Path], 
     try:
         # Wide, tall and square pictures land on different tile grids.
         for size in ((160, 100), (60, 150), (112, 112)):
-            conversation = [Turn("user", "What is in the picture?", (sample_image(size),))]
+            conversation = [Turn("user", "What is in the picture?", (ImageRef.from_image(sample_image(size)),))]
             expected = reference_text(checkpoint, conversation, 12)
             text, _ = await answer(engine, conversation, max_new_tokens=12, ignore_eos=True)
             assert text == expected, size

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bot.engine import preprocess
-from bot.engine.base import EngineError, Turn
+from bot.engine.base import EngineError, ImageRef, Turn
 from bot.engine.template import ChatTemplate
 from tests.conftest import sample_image
 
@@ -38,14 +38,14 @@ def model(request: pytest.FixtureRequest) -> tuple[ChatTemplate, Any]:
 def reference(processor: Any, conversation: list[Turn]) -> tuple[str, Any]:
     messages = ChatTemplate.messages(conversation)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    images = [image for turn in conversation for image in turn.images]
+    images = [ref.image for turn in conversation for ref in turn.images]
     return text, processor(images=images or None, text=text, return_tensors="np")
 
 
 @pytest.mark.parametrize("size", ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_pixels_and_token_ids_equal_the_processors(model: tuple[ChatTemplate, Any], size: tuple[int, int]) -> None:
     template, processor = model
-    conversation = [Turn("user", "What is unusual in this picture?", (noise(size, seed=size[0]),))]
+    conversation = [Turn("user", "What is unusual in this picture?", (ImageRef.from_image(noise(size, seed=size[0])),))]
     expected_text, expected = reference(processor, conversation)
     text, images = template.render(conversation)
     assert text == expected_text
@@ -65,9 +65,16 @@ def test_a_conversation_of_several_images_and_turns(model: tuple[ChatTemplate, A
     """Several images of different shapes (NeXT: different token counts) across turns, in order."""
     template, processor = model
     conversation = [
-        Turn("user", "Compare these two.", (sample_image((160, 100), seed=1), sample_image((60, 150), seed=2))),
+        Turn(
+            "user",
+            "Compare these two.",
+            (
+                ImageRef.from_image(sample_image((160, 100), seed=1)),
+                ImageRef.from_image(sample_image((60, 150), seed=2)),
+            ),
+        ),
         Turn("assistant", "The first is wider; naïve café 🙂."),
-        Turn("user", "And this one?", (sample_image((112, 112), seed=3),)),
+        Turn("user", "And this one?", (ImageRef.from_image(sample_image((112, 112), seed=3)),)),
     ]
     expected_text, expected = reference(processor, conversation)
     text, images = template.render(conversation)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from bot.config import parse_config
 from bot.engine import remote
-from bot.engine.base import Engine, EngineError, GenerationSettings, Turn, with_source
+from bot.engine.base import Engine, EngineError, GenerationSettings, ImageRef, Turn
 from bot.engine.remote import RemoteEngine, RemoteSettings
 from bot.services import ensure_model, make_model_manager
 from tests.conftest import sample_image
@@ -37,13 +37,13 @@ def engine_for(server: ServeProcess, **changes: object) -> RemoteEngine:
     return RemoteEngine(RemoteSettings(**options))  # type: ignore[arg-type]
 
 
-def jpeg_upload(seed: int) -> tuple[bytes, Image.Image]:
-    """A stored JPEG and the picture decoded from it, linked as the chat service links them."""
+def jpeg_upload(seed: int) -> tuple[bytes, ImageRef]:
+    """A stored JPEG and the reference to it, as the chat service passes it on."""
     buffer = io.BytesIO()
     sample_image(seed=seed).save(buffer, "JPEG", quality=92)
     data = buffer.getvalue()
     with Image.open(io.BytesIO(data)) as opened:
-        return data, with_source(opened.convert("RGB"), data)
+        return data, ImageRef.from_data(data, "image/jpeg", opened.convert("RGB"))
 
 
 async def test_streams_the_same_answer_as_the_local_engine(
@@ -75,7 +75,7 @@ async def test_without_a_tokenizer_the_context_window_comes_from_the_server(
     try:
         assert engine.context_window == in_process.context_window
         assert "prompt lengths are estimated" in caplog.text
-        conversation = [Turn("user", "Describe it.", (sample_image(),))]
+        conversation = [Turn("user", "Describe it.", (ImageRef.from_image(sample_image()),))]
         assert engine.count_prompt_tokens(conversation) >= in_process.count_prompt_tokens(conversation)
         assert await engine.health() == "up"
     finally:

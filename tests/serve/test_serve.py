@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from bot.engine.base import Engine, GenerationSettings, Turn
+from bot.engine.base import Engine, GenerationSettings, ImageRef, Turn
 from tests.conftest import sample_image
 from tests.e2e.serve_process import ServeProcess
 from tests.serve.conftest import API_KEY
@@ -50,7 +50,7 @@ async def test_lists_its_model_under_v3_and_v1(served: ServeProcess, in_process:
 
 async def test_answers_equal_the_in_process_engine_streamed_or_not(served: ServeProcess, in_process: Engine) -> None:
     upload = png_bytes(seed=3)
-    picture = sample_image(seed=3)
+    picture = ImageRef.from_image(sample_image(seed=3))
     settings = GenerationSettings(max_new_tokens=40)
     first = [Turn("user", QUESTION, (picture,))]
     expected = await in_process.generate(first, settings).text()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from datetime import UTC
 
 import pytest
+from PIL import Image
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.engine.base import ImageRef
 from bot.store import HistoryStore, StoredImage, StoredTurn, open_database, session_factory
 from tests.store.conftest import count_rows, image
 
@@ -195,6 +198,20 @@ async def test_images_are_stored_once_per_content(store: HistoryStore, engine: A
     assert await count_rows(engine, "images") == 2
     assert await store.image_bytes(sha) == picture.data
     assert await store.image_bytes("0" * 64) is None
+
+
+async def test_an_uploaded_image_is_stored_under_the_digest_it_arrived_with(
+    store: HistoryStore, engine: AsyncEngine
+) -> None:
+    upload = ImageRef.from_image(Image.new("RGB", (6, 4), (200, 30, 30)))
+    await ask(store, 1, "look", picture=StoredImage.from_ref(upload))
+    # The same picture from elsewhere (bytes alone) lands on the same row: both keys are the bytes' SHA-256.
+    again = await store.put_image(upload.data, upload.mime, upload.width, upload.height)
+
+    assert again == upload.sha256 == hashlib.sha256(upload.data).hexdigest()
+    assert (await store.turns(1))[0].image_sha256 == upload.sha256
+    assert await count_rows(engine, "images") == 1
+    assert await store.image_bytes(upload.sha256) == upload.data
 
 
 async def test_settings_keep_the_latest_value(store: HistoryStore) -> None:

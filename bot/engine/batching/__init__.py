@@ -11,7 +11,7 @@ Why it looks the way it does:
   interleaved channels because blocks are found by content, not by "the last request". The pipeline would
   still re-run the vision encoder for every request that carries an image, which costs more than the new
   tokens of a follow-up, so for LLaVA-1.5 the engine builds the input embeddings itself and keeps the
-  encoded images in a small LRU cache (keyed by the pixel values' digest). Other families (LLaVA-NeXT) go
+  encoded images in a small LRU cache (keyed by the image file's SHA-256). Other families (LLaVA-NeXT) go
   through genai's own image handling: their KV prefix is reused, their images are encoded again.
 * **A separate process.** The pipeline's Python binding holds the GIL for the whole of ``step()`` and
   ``add_request()`` (a prefill chunk takes a second or more on large models), which would freeze the bot's

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import queue
@@ -18,11 +17,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from bot.engine.base import EngineError, GenerationSettings, TextStream, Turn
+from bot.engine.base import EngineError, GenerationSettings, ImageRef, TextStream, Turn
 from bot.engine.batching.detokenize import IncrementalText
 from bot.engine.batching.launch import default_kv_cache_gb, signal_name, start_worker
 from bot.engine.batching.protocol import (
@@ -68,13 +66,6 @@ class _Request:
     stop_sent: bool = False
 
 
-def _image_key(image: Any) -> str:
-    """Names an image by its pixels (the bot decodes stored images afresh for every request)."""
-    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
-    digest.update(f"{image.mode}{image.size}".encode())
-    return digest.hexdigest()
-
-
 class BatchingEngine(TemplateEngine):
     """Continuous batching with prefix caching and an encoded-image cache, in a child process.
 
@@ -111,7 +102,7 @@ class BatchingEngine(TemplateEngine):
         # Images the vision encoder ran on, and images whose features came from the cache (LLaVA-1.5).
         self.images_encoded = 0
         self.images_reused = 0
-        # Pixels of recent images by the digest of their RGB bytes, so a follow-up skips resizing.
+        # Pixels of recent images by their SHA-256, so a follow-up skips resizing.
         self._pixels: LruCache[str, tuple[str, np.ndarray]] = LruCache(image_cache_size)
         # The child imports OpenVINO while this process loads the tokenizer; it waits for its options.
         self._process, self._conn = start_worker()
@@ -189,16 +180,17 @@ class BatchingEngine(TemplateEngine):
             return PromptInputs(prompt, tuple(arrays))
         text, images = self.template.render(conversation)
         input_ids = self.template.token_ids(self.template.expand(text, images))
-        return EmbedInputs(input_ids, tuple(self._image_pixels(image) for image in images))
+        return EmbedInputs(input_ids, tuple(self._image_pixels(ref) for ref in self.template.image_refs(conversation)))
 
-    def _image_pixels(self, image: Any) -> tuple[str, np.ndarray]:
-        """Pixel values ``[1, 3, H, W]`` of one image and their digest; a follow-up's image skips the resize."""
-        key = _image_key(image)
-        known = self._pixels.get(key)
+    def _image_pixels(self, ref: ImageRef) -> tuple[str, np.ndarray]:
+        """Pixel values ``[1, 3, H, W]`` of one image, named by the image's SHA-256; a follow-up's image skips
+        the resize. The pixels follow from the image alone (the template is fixed), so the same name also
+        keys the image's features in the worker's cache."""
+        known = self._pixels.get(ref.sha256)
         if known is not None:
             return known
-        pixels = np.ascontiguousarray(self.template.pixel_values(image)[None], dtype=np.float32)
-        return self._pixels.put(key, (hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest(), pixels))
+        pixels = np.ascontiguousarray(self.template.pixel_values(ref.image)[None], dtype=np.float32)
+        return self._pixels.put(ref.sha256, (ref.sha256, pixels))
 
     def _send(self, message: ToWorker) -> bool:
         try:

@@ -31,7 +31,7 @@ class WorkerOptions:
 @dataclass(frozen=True)
 class EmbedInputs:
     """A LLaVA-1.5 prompt as the reference builds it: token ids with image tokens expanded, and the pixels
-    of each image with the digest that names its features in the child's cache."""
+    of each image with the digest (the image file's SHA-256) that names its features in the child's cache."""
 
     input_ids: np.ndarray  # int64 [1, T]
     images: tuple[tuple[str, np.ndarray], ...]  # (digest, float32 [1, 3, H, W])

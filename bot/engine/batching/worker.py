@@ -76,7 +76,7 @@ class Worker:
             self.text_embeddings = core.compile_model(
                 folder / "openvino_text_embeddings_model.xml", options.device, options.ov_config
             ).create_infer_request()
-        # Projected features of recent images by their pixels' digest: a follow-up skips the vision encoder.
+        # Projected features of recent images by their digest: a follow-up skips the vision encoder.
         self.features: LruCache[str, np.ndarray] = LruCache(options.image_cache_size)
         self.pending: deque[Add] = deque()
         # request id -> (handle, the embeddings it was given: kept alive while the pipeline may read them)
