@@ -26,7 +26,7 @@ from bot.loopwatch import LoopWatch
 from bot.store.db import open_database, session_factory, upgrade
 from bot.store.history import HistoryStore
 from bot.store.replies import ReplyStore
-from bot.store.shared import QUESTION_TTL, SharedRules
+from bot.store.shared import QUESTION_TTL, SharedRules, process_name
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class LlavaBot(commands.Bot):
         await upgrade(config.database.url)
         self.db_engine = open_database(config.database.url)
         self.store = HistoryStore(session_factory(self.db_engine))
-        self.replies = ReplyStore(session_factory(self.db_engine))
+        # One name for this process in the database: its open replies and its question claims.
+        self.replies = ReplyStore(session_factory(self.db_engine), process_name())
         self.http_session = aiohttp.ClientSession()
         model = config.model
         self.models = ModelManager(
@@ -96,9 +97,9 @@ class LlavaBot(commands.Bot):
             max_new_tokens=model.max_new_tokens, temperature=model.temperature, top_p=model.top_p
         )
         scheduler = Scheduler(max_queue=config.chat.max_queue, concurrency=self.models.concurrency)
-        self.rules = SharedRules(session_factory(self.db_engine))
+        self.rules = SharedRules(session_factory(self.db_engine), self.replies.owner)
         await self.rules.clear_expired()
-        self._keep_claims = asyncio.create_task(keep_claims(self.rules), name="keep-claims")
+        self._keep_claims = asyncio.create_task(keep_claims(self.rules, self.replies), name="keep-claims")
         self.chat = ChatService(
             self.store, self.models, scheduler, settings, config.chat.history_turns, rules=self.rules
         )
@@ -202,12 +203,15 @@ def make_bot(config: Config, **options: Any) -> LlavaBot:
     return ShardedLlavaBot(config, shard_count=shards.shard_count, shard_ids=ids, **options)
 
 
-async def keep_claims(rules: SharedRules) -> None:
-    """Keep this process's questions claimed in the database while it lives (a crash lets them lapse)."""
+async def keep_claims(rules: SharedRules, replies: ReplyStore | None = None) -> None:
+    """Keep this process's questions claimed, and its open replies its own, in the database while it lives
+    (a crash lets both lapse)."""
     while True:
         await asyncio.sleep(QUESTION_TTL / 3)
         try:
             await rules.refresh()
+            if replies is not None:
+                await replies.refresh()
         except Exception:
             log.exception("Could not refresh the questions this process is answering")
 
