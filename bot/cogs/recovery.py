@@ -139,9 +139,7 @@ class RecoveryCog(commands.Cog):
         now = utcnow()
         orphans = [reply for reply in others if abandoned(reply, now)]
         if starting and len(others) > len(orphans):
-            log.info(
-                "%d replies are being written by other running processes; leaving them", len(others) - len(orphans)
-            )
+            log.info("Leaving %d open replies to the running processes writing them", len(others) - len(orphans))
         adopted = [reply for reply in orphans if await replies.adopt(reply)]
         if adopted:
             log.info("%d replies were left unfinished by processes that ended; closing them", len(adopted))
