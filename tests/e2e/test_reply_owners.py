@@ -13,7 +13,7 @@ import pytest
 from bot.cogs.recovery import CUT_OFF
 from bot.store import ReplyStore, open_database, session_factory
 from tests.e2e.bot_process import BotProcess
-from tests.e2e.discord_emulator import DiscordEmulator, shard_of
+from tests.e2e.discord_emulator import DiscordEmulator, MessageRecord, shard_of
 from tests.e2e.helpers import MARKER, answer_messages, png, text_of
 from tests.e2e.test_lifecycle import CUT_OFF_LINE, closing_of, streaming
 from tests.e2e.test_stopping import wait_log
@@ -40,7 +40,7 @@ async def open_reply_owners(database_url: str) -> list[str | None]:
         await engine.dispose()
 
 
-async def test_a_start_leaves_a_live_processs_reply_alone_and_a_survivor_closes_a_killed_ones(
+async def test_a_start_leaves_a_live_process_reply_alone_and_a_survivor_closes_it_once_killed(
     tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
 ) -> None:
     people = [emulator.user, emulator.other_user, emulator.admin]
@@ -85,18 +85,20 @@ async def test_a_start_leaves_a_live_processs_reply_alone_and_a_survivor_closes_
         assert await writer.wait_exit(30) == -signal.SIGKILL
         # The survivor notices within its next look and closes the reply with the sentence.
         await wait_log(starter, "1 replies were left unfinished by processes that ended", timeout=60)
-        closed = await emulator.wait_for(
-            lambda: (m := answer_messages(emulator, asked)) and MARKER not in closing_of(emulator, m) and m, 30
-        )
+
+        def closed_reply() -> list[MessageRecord] | None:
+            messages = answer_messages(emulator, asked)
+            return messages if messages and MARKER not in closing_of(emulator, messages) else None
+
+        closed = await emulator.wait_for(closed_reply, 30)
         shown_then = cut_at.removesuffix(" " + MARKER)
         assert closing_of(emulator, closed) in (shown_then + CUT_OFF_LINE, shown_then + CUT_OFF_LINE.lstrip())
         assert CUT_OFF in closing_of(emulator, closed)
         await emulator.wait_for(lambda: "Closed message" in starter.log() or None, 10)
         assert await open_reply_owners(database_url) == []
     finally:
-        with_signal = writer.process is not None and writer.process.returncode is None
-        if with_signal:
-            writer.signal(signal.SIGCONT)
+        if writer.process is not None and writer.process.returncode is None:
+            writer.signal(signal.SIGCONT)  # a frozen process would not hear the SIGINT that stops it
         codes = await asyncio.gather(writer.stop(), starter.stop())
         for process in (writer, starter):
             await process.__aexit__(None, None, None)
