@@ -27,7 +27,7 @@ from bot.engine.manager import REMOTE_KIND, ModelManager, engine_class
 from bot.store.db import open_database, session_factory, upgrade
 from bot.store.history import HistoryStore
 from bot.store.replies import ReplyStore
-from bot.store.shared import QUESTION_TTL, SharedRules
+from bot.store.shared import QUESTION_TTL, SharedRules, process_name
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,11 @@ async def build_services(config: Config) -> Services:
         model_manager = make_model_manager(config)
         resources.push_async_callback(model_manager.close)
         await model_manager.switch(await _saved_precision(config, store, model_manager))
-        rules = SharedRules(session_factory(db_engine))
+        # One name for this process in the database: its open replies and its question claims.
+        replies = ReplyStore(session_factory(db_engine), process_name())
+        rules = SharedRules(session_factory(db_engine), replies.owner)
         await rules.clear_expired()
-        claims = asyncio.create_task(keep_claims(rules), name="keep-claims")
+        claims = asyncio.create_task(keep_claims(rules, replies), name="keep-claims")
         resources.push_async_callback(_cancel, claims)
     except BaseException:
         await resources.aclose()
@@ -91,7 +93,7 @@ async def build_services(config: Config) -> Services:
     return Services(
         db_engine=db_engine,
         store=store,
-        replies=ReplyStore(session_factory(db_engine)),
+        replies=replies,
         rules=rules,
         model_manager=model_manager,
         scheduler=scheduler,
@@ -130,12 +132,15 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-async def keep_claims(rules: SharedRules) -> None:
-    """Keep this process's questions claimed in the database while it lives (a crash lets them lapse)."""
+async def keep_claims(rules: SharedRules, replies: ReplyStore | None = None) -> None:
+    """Keep this process's questions claimed, and its open replies its own, in the database while it lives
+    (a crash lets both lapse)."""
     while True:
         await asyncio.sleep(QUESTION_TTL / 3)
         try:
             await rules.refresh()
+            if replies is not None:
+                await replies.refresh()
         except Exception:
             log.exception("Could not refresh the questions this process is answering")
 

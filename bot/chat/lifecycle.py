@@ -32,7 +32,10 @@ M = TypeVar("M", bound=_Identified)
 class TrackedSink(Generic[M]):
     """A :class:`MessageSink` that keeps the reply's messages on record until :meth:`close`.
 
-    Bookkeeping never costs the person their answer: a failed write is logged and the reply goes on.
+    A posted message is handed back at once and recorded in the background: the answer must be findable by
+    its reply (a Stop pressed the moment the reply appears) before any database write. :meth:`close` waits
+    for the writes still under way. Bookkeeping never costs the person their answer: a failed write is
+    logged and the reply goes on.
     """
 
     def __init__(
@@ -45,22 +48,31 @@ class TrackedSink(Generic[M]):
         self._message_ids: list[int] = []
         self._reply_id: int | None = None
         self._closed = False
+        self._recorded = 0  # how many of the messages are on record
+        self._writer: asyncio.Task[None] | None = None
 
     async def send(self, content: str, *, live: bool) -> M:
-        """Post a message of the reply and record it before the reply goes on."""
+        """Post a message of the reply; it goes on record in the background."""
         message = await self._sink.send(content, live=live)
         self._message_ids.append(int(message.id))
-        if not self._closed:
-            await self._record()
+        if not self._closed and (self._writer is None or self._writer.done()):
+            # One writer at a time, which catches up with every message posted meanwhile.
+            self._writer = asyncio.create_task(self._record(), name=f"record-reply-{self._channel_id}")
         return message
 
     async def edit(self, handle: M, content: str, *, live: bool) -> None:
         """Show a message's latest text."""
         await self._sink.edit(handle, content, live=live)
 
+    async def flush(self) -> None:
+        """Wait until the messages posted so far are on record (or failed to be)."""
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+
     async def close(self) -> None:
-        """The reply has ended, however it ended: take it off the record."""
+        """The reply has ended, however it ended: take it off the record once its writes are done."""
         self._closed = True
+        await self.flush()
         if self._reply_id is None:
             return
         reply_id, self._reply_id = self._reply_id, None
@@ -71,12 +83,13 @@ class TrackedSink(Generic[M]):
 
     async def _record(self) -> None:
         try:
-            if self._reply_id is None:
-                self._reply_id = await self._replies.open(
-                    self._channel_id, self._message_ids, interaction=self._interaction
-                )
-            else:
-                await self._replies.set_message_ids(self._reply_id, self._message_ids)
+            while self._recorded < len(self._message_ids):
+                ids = list(self._message_ids)
+                if self._reply_id is None:
+                    self._reply_id = await self._replies.open(self._channel_id, ids, interaction=self._interaction)
+                else:
+                    await self._replies.set_message_ids(self._reply_id, ids)
+                self._recorded = len(ids)
         except Exception:
             log.exception(
                 "Could not record the reply in channel %s; a crash now would leave it unfinished", self._channel_id

@@ -12,9 +12,10 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from bot.chat.arrivals import Arrival, in_turn
 from bot.chat.images import stored_image
 from bot.chat.prompt import BuiltPrompt, HistoryTurn, build_prompt
 from bot.chat.scheduler import AlreadyAsking, QueueFull, Scheduler
@@ -56,6 +57,8 @@ class Question:
     message_id: int | None = None
     # A line shown after the answer (not stored), e.g. which attachments were not looked at.
     note: str = ""
+    # Its place in the person's line: the one-question check waits for the questions that came before it.
+    arrival: Arrival | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,9 @@ class ChatService:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 with running.interruptible():
-                    await stack.enter_async_context(self._person_lock(question))
+                    async with in_turn(question.arrival):
+                        await stack.enter_async_context(self._person_lock(question))
+                    # Nothing awaits between leaving the person's line and the scheduler's own check.
                     await stack.enter_async_context(self.scheduler.slot(question.author_id, on_position=show_position))
                 return await self._generate(question, streamer, running)
         except Stopped as stopped:

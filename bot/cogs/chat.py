@@ -13,6 +13,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.chat.arrivals import Arrival, ArrivalOrder
 from bot.chat.images import (
     NOT_AN_IMAGE,
     ImageLimits,
@@ -70,6 +71,7 @@ class ChatCog(commands.Cog):
         self.limits = ImageLimits(max_bytes=chat.max_image_bytes, max_pixels=chat.max_image_pixels)
         self._tasks: set[asyncio.Task[object]] = set()
         self.gate = QuestionGate(bot)
+        self.arrivals = ArrivalOrder()
 
     async def cog_unload(self) -> None:
         for task in self._tasks:
@@ -97,13 +99,21 @@ class ChatCog(commands.Cog):
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if not await self.is_addressed(message) or not await self.gate.admit_message(message):
-            return
-        if not self.bot.answers.accepting:
-            await self.say(message, RESTARTING)
-            return
-        # Each question runs as its own task so that a long answer never holds up the gateway.
-        task = asyncio.create_task(self.handle_message(message), name=f"answer-{message.id}")
+        # Taken before the first await, so in the order the gateway delivered the person's messages.
+        arrival = self.arrivals.arrive(message.author.id)
+        handed_over = False
+        try:
+            if not await self.is_addressed(message) or not await self.gate.admit_message(message):
+                return
+            if not self.bot.answers.accepting:
+                await self.say(message, RESTARTING)
+                return
+            # Each question runs as its own task so that a long answer never holds up the gateway.
+            task = asyncio.create_task(self.handle_message(message, arrival), name=f"answer-{message.id}")
+            handed_over = True
+        finally:
+            if not handed_over:
+                arrival.leave()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self.bot.answers.add(task)
@@ -114,8 +124,18 @@ class ChatCog(commands.Cog):
         text = _MENTION.sub(lambda m: "" if me is not None and int(m.group(1)) == me.id else m.group(0), content)
         return text.strip()
 
-    async def handle_message(self, message: discord.Message) -> None:
-        """Turn a Discord message into a question and stream the answer as a reply."""
+    async def handle_message(self, message: discord.Message, arrival: Arrival | None = None) -> None:
+        """Turn a Discord message into a question and stream the answer as a reply.
+
+        ``arrival`` is the message's place in its author's line, left however the message ends.
+        """
+        try:
+            await self._handle_message(message, arrival)
+        finally:
+            if arrival is not None:
+                arrival.leave()
+
+    async def _handle_message(self, message: discord.Message, arrival: Arrival | None) -> None:
         attachments: Sequence[discord.Attachment] = message.attachments
         if not attachments:
             replied = await self.replied_to(message)
@@ -143,6 +163,7 @@ class ChatCog(commands.Cog):
             image=picked.image if picked else None,
             message_id=message.id,
             note=picked.note if picked else "",
+            arrival=arrival,
         )
         try:
             await self.answer(question, sink, spoiler=picked is not None and picked.spoiler)

@@ -1,7 +1,10 @@
-"""At start, close the replies that the previous process left half-written (a crash, kill -9, a power cut).
+"""Close the replies that a process which ended left half-written (a crash, kill -9, a power cut).
 
 Such a reply still shows the "still writing" marker, or a "Thinking…" placeholder, and would forever. Each is
-edited to end with a sentence saying the answer was cut off, then taken off the record.
+edited to end with a sentence saying the answer was cut off, then taken off the record. Several processes may
+share the database (shards, PostgreSQL): a reply is closed only once the process writing it has ended, which
+a start checks at once and every running process checks again every :data:`SWEEP_INTERVAL` seconds, so the
+survivors close what a crashed peer left within the claims' expiry (:data:`~bot.store.shared.QUESTION_TTL`).
 
 Regular replies are edited through the channel, like any message of the bot's own. Responses to /ask are
 edited through the interaction's webhook while its token lives (15 minutes, which also works where the bot
@@ -23,7 +26,7 @@ from discord.ext import commands
 from bot.chat.service import THINKING, WAITING
 from bot.chat.streaming import DEFAULT_MARKER, FAILURE_LINE
 from bot.cogs.replies import NO_PINGS
-from bot.store.replies import StoredReply
+from bot.store.replies import StoredReply, abandoned
 from bot.store.tables import utcnow
 
 if TYPE_CHECKING:
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 CUT_OFF = "This answer was cut off when I restarted; please ask again."
 
 MESSAGE_LIMIT = 2000
+# How often a running process looks for replies of processes that ended: one small query, while a crashed
+# process on this host is noticed at the next look.
+SWEEP_INTERVAL = 10.0
 # An interaction token lives 15 minutes from the interaction; the reply was recorded a little after it.
 TOKEN_LIFETIME = timedelta(minutes=14)
 _WAITING_PREFIX = WAITING.split("{", 1)[0]
@@ -99,26 +105,50 @@ class _Target:
 
 
 class RecoveryCog(commands.Cog):
-    """Closes the replies a previous process left open, in the background of the start."""
+    """Closes the replies that ended processes left open: at start, then every :data:`SWEEP_INTERVAL`."""
 
     def __init__(self, bot: LlavaBot) -> None:
         self.bot = bot
         self._task: asyncio.Task[None] | None = None
+        # Replies taken over but not closed yet (Discord failed for now): tried again at the next sweep.
+        self._pending: dict[int, StoredReply] = {}
 
     async def cog_load(self) -> None:
-        # Read now, before this process records replies of its own.
-        orphans = await self.bot.replies.open_replies()
-        if orphans:
-            log.info("%d replies were left unfinished by the previous run; closing them", len(orphans))
-            self._task = asyncio.create_task(self.close_all(orphans), name="close-orphaned-replies")
+        self._task = asyncio.create_task(self.watch(), name="close-orphaned-replies")
 
     async def cog_unload(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def close_all(self, orphans: list[StoredReply]) -> None:
+    async def watch(self) -> None:
+        """Sweep now and then every :data:`SWEEP_INTERVAL` seconds; a failed sweep is logged and retried."""
+        starting = True
+        while True:
+            try:
+                await self.sweep(starting=starting)
+            except Exception:
+                log.exception("Looking for unfinished replies of ended processes failed")
+            starting = False
+            await asyncio.sleep(SWEEP_INTERVAL)
+
+    async def sweep(self, *, starting: bool = False) -> int:
+        """Take over the replies of processes that have ended and close them; returns how many were closed."""
+        replies = self.bot.replies
+        others = await replies.of_others()
+        now = utcnow()
+        orphans = [reply for reply in others if abandoned(reply, now)]
+        if starting and len(others) > len(orphans):
+            log.info("Leaving %d open replies to the running processes writing them", len(others) - len(orphans))
+        adopted = [reply for reply in orphans if await replies.adopt(reply)]
+        if adopted:
+            log.info("%d replies were left unfinished by processes that ended; closing them", len(adopted))
+        self._pending.update((reply.id, reply) for reply in adopted)
+        return await self.close_all(list(self._pending.values()))
+
+    async def close_all(self, orphans: list[StoredReply]) -> int:
         """Close each reply in turn; one that fails is logged and does not hold up the others."""
+        closed = 0
         for reply in orphans:
             where = f"reply {reply.id} in channel {reply.channel_id}"
             try:
@@ -127,15 +157,20 @@ class RecoveryCog(commands.Cog):
                 # Not ours to reach any more (permissions, a deleted channel): retrying would not help.
                 log.warning("Could not close the unfinished %s: %s; giving up on it", where, error)
             except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
-                log.warning("Could not close the unfinished %s: %s; trying again at the next start", where, error)
+                log.warning("Could not close the unfinished %s: %s; trying again soon", where, error)
                 continue
             except Exception:
+                # Left on record under this process: the next start, or a survivor of this one, tries again.
                 log.exception("Closing the unfinished %s failed", where)
+                self._pending.pop(reply.id, None)
                 continue
+            self._pending.pop(reply.id, None)
+            closed += 1
             try:
                 await self.bot.replies.close(reply.id)
             except Exception:
                 log.exception("Could not mark the %s as closed", where)
+        return closed
 
     async def close_reply(self, reply: StoredReply) -> None:
         """Edit the reply's messages so that none still looks as if it were being written."""

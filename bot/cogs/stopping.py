@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
-from bot.chat.stopping import StopReason
+from bot.chat.stopping import RunningAnswer, StopReason
 
 if TYPE_CHECKING:
     from bot.client import LlavaBot
@@ -75,10 +75,23 @@ class StopCog(commands.Cog):
             return True
         return await self.bot.is_owner(user)
 
+    def running_for(self, message: discord.Message) -> RunningAnswer | None:
+        """The answer whose reply ``message`` is part of, if it is still being written.
+
+        The first message of a reply to a mention is also found by the question it replies to: a press can
+        reach the bot before Discord's answer to posting that message does.
+        """
+        running = self.bot.chat.running
+        found = running.find(message.id)
+        reference = message.reference
+        if found is None and reference is not None and reference.message_id is not None:
+            found = running.find(reference.message_id)
+        return found
+
     async def stop_pressed(self, interaction: discord.Interaction[Any]) -> None:
         """Stop the answer whose reply carries the pressed button, if the presser may."""
         message = interaction.message
-        running = self.bot.chat.running.find(message.id) if message is not None else None
+        running = self.running_for(message) if message is not None else None
         if running is None:
             # The answer already ended but its button stayed (a failed last edit, a restart): tidy up.
             log.info("Stop pressed on message %s, whose answer has ended", message.id if message else "?")

@@ -158,8 +158,8 @@ class SettingRow(Base):
 class OpenReplyRow(Base):
     """A reply the bot is still writing; the row is deleted once the reply is closed.
 
-    A row that outlives its process (a crash, a power cut) tells the next start which messages still show
-    the "still writing" marker, so that it can end them with a sentence.
+    A row that outlives its process (a crash, a power cut) tells the other processes, or the next start,
+    which messages still show the "still writing" marker, so that they can end them with a sentence.
     """
 
     __tablename__ = "open_replies"
@@ -176,6 +176,11 @@ class OpenReplyRow(Base):
     created_at: Mapped[datetime] = mapped_column(
         UTCDateTime, nullable=False, default=utcnow, server_default=func.current_timestamp()
     )
+    # The process writing it (as in ``active_questions``), which pushes ``expires_at`` forward while it lives:
+    # another process closes the reply only once its writer has ended. Rows from before owners were
+    # recorded have neither and belong to no live process.
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class ActiveQuestionRow(Base):

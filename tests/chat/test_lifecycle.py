@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,16 +52,49 @@ async def test_a_reply_is_on_record_with_all_its_messages_until_closed(replies: 
     sink = TrackedSink(channel, replies, 7)
     streamer = ReplyStreamer(sink, limit=50, edit_interval=0.2)
     await streamer.start("thinking")
+    await sink.flush()
     [reply] = await replies.open_replies()
     assert (reply.channel_id, reply.message_ids) == (7, (100,))
 
     streamer.feed("word " * 30)  # 150 characters: three messages
     await streamer.finish()
+    await sink.flush()
     [reply] = await replies.open_replies()
     assert reply.message_ids == (100, 101, 102)
     assert len(channel.messages) == 3
 
     await sink.close()
+    assert await replies.open_replies() == []
+
+
+class SlowReplies(ReplyStore):
+    """A database that takes its time with every write."""
+
+    def __init__(self, replies: ReplyStore) -> None:
+        super().__init__(replies._sessions, replies.owner)
+        self.release = asyncio.Event()
+
+    async def open(self, *args: Any, **kwargs: Any) -> int:
+        await self.release.wait()
+        return await super().open(*args, **kwargs)
+
+
+async def test_a_posted_message_is_part_of_the_reply_before_it_is_on_record(replies: ReplyStore) -> None:
+    slow = SlowReplies(replies)
+    sink = TrackedSink(Channel(), slow, 7)
+    streamer = ReplyStreamer(sink, edit_interval=0.2)
+
+    # The streamer (and so the registry of running answers) knows the message while the write still waits.
+    await streamer.start("thinking")
+    assert [m.id for m in streamer.messages] == [100]
+    assert await replies.open_replies() == []
+
+    # Closing waits for the write under way, so the record cannot outlive the reply.
+    closing = asyncio.create_task(sink.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    slow.release.set()
+    await closing
     assert await replies.open_replies() == []
 
 

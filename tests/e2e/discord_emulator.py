@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import datetime as dt
 import json
 import re
@@ -93,6 +94,10 @@ CHANNEL_TEXT, CHANNEL_DM, CHANNEL_PUBLIC_THREAD = 0, 1, 11
 MESSAGE_DEFAULT, MESSAGE_REPLY, MESSAGE_CHAT_INPUT = 0, 19, 20
 INTERACTION_COMMAND, INTERACTION_COMPONENT = 2, 3
 _COMMAND_NAME = re.compile(r"^[-_\w]{1,32}$")
+
+
+# The bot messages that the request being handled created or edited (see DiscordEmulator.bot_writes).
+_WRITTEN: contextvars.ContextVar[list[MessageRecord]] = contextvars.ContextVar("written")
 
 
 def shard_of(guild_id: int, shard_count: int) -> int:
@@ -469,6 +474,10 @@ class DiscordEmulator:
         self.identify_count = 0
         self.resume_count = 0
 
+        self.bot_writes: list[Callable[[MessageRecord], object]] = []
+        """Called with a bot message whenever a request of the bot created or edited it, right after Discord's
+        answer to that request went out (a test can act on a message the instant it exists for the bot)."""
+        self._held_downloads: dict[str, asyncio.Event] = {}  # file name -> set when its downloads may finish
         self._uploads: dict[int, tuple[bytes, str, str]] = {}  # attachment id -> data, type, signature
         self._connections: set[_GatewayConnection] = set()
         self._sessions: dict[str, tuple[int, tuple[int, int] | None]] = {}  # id -> sequence, shard
@@ -680,6 +689,11 @@ class DiscordEmulator:
         They are recorded in :attr:`requests` on arrival, so a test can wait for one and act while it waits.
         """
         return self._held.setdefault(path, asyncio.Event())
+
+    def hold_downloads(self, filename: str) -> asyncio.Event:
+        """Make CDN downloads of attachments named ``filename`` wait until the returned event is set, like a
+        large file on a slow link."""
+        return self._held_downloads.setdefault(filename, asyncio.Event())
 
     def expire_interaction_token(self, interaction: InteractionRecord) -> None:
         """Age ``interaction`` past its token's 15 minutes: its webhook then answers 401 Invalid Webhook Token."""
@@ -1404,6 +1418,7 @@ class DiscordEmulator:
         )
         self._apply_mentions(record, body.get("allowed_mentions"), creating=True)
         self.messages[record.id] = record
+        self._written(record)
         if self.echo_bot_messages and not flags & FLAG_EPHEMERAL:
             await self._deliver("MESSAGE_CREATE", self._gateway_message(data, channel))
         return record
@@ -1432,8 +1447,14 @@ class DiscordEmulator:
         record.history.append(data["content"])
         record.component_history.append(list(data["components"]))
         self._apply_mentions(record, body.get("allowed_mentions"), creating=False)
+        self._written(record)
         if self.echo_bot_messages and not flags & FLAG_EPHEMERAL:
             await self._deliver("MESSAGE_UPDATE", self._gateway_message(data, self.channels[record.channel_id]))
+
+    def _written(self, record: MessageRecord) -> None:
+        written = _WRITTEN.get(None)
+        if written is not None and self.bot_writes:
+            written.append(record)
 
     async def _delete(self, record: MessageRecord) -> None:
         if record.deleted:
@@ -1512,6 +1533,8 @@ class DiscordEmulator:
             if held is not None:
                 self._notify()
                 await held.wait()
+            written: list[MessageRecord] = []
+            _WRITTEN.set(written)
             try:
                 if auth and request.headers.get("Authorization") != f"Bot {self.token}":
                     raise ApiError(401, 0, "401: Unauthorized")
@@ -1521,6 +1544,13 @@ class DiscordEmulator:
             recorded.status = response.status
             self._last_request_at = asyncio.get_running_loop().time()
             self._notify()
+            if written:
+                # The answer goes out first, as on Discord, where nobody sees a message before it exists.
+                await response.prepare(request)
+                await response.write_eof()
+                for record in written:
+                    for watcher in list(self.bot_writes):
+                        watcher(record)
             return response
 
         return route
@@ -1822,6 +1852,8 @@ class DiscordEmulator:
 
     async def _cdn(self, request: web.Request) -> web.Response:
         self.downloads.append(int(request.match_info["attachment_id"]))
+        if (held := self._held_downloads.get(request.match_info["filename"])) is not None:
+            await held.wait()
         upload = self._uploads.get(int(request.match_info["attachment_id"]))
         if upload is None or request.query.get("hm") != upload[2]:
             return web.Response(status=404, text="This content is no longer available.")

@@ -213,6 +213,65 @@ async def test_an_ask_command_response_has_the_stop_button_too(emulator: Discord
     assert all(MARKER not in m.content for m in emulator.interaction_responses(ask).messages)
 
 
+class PressAtOnce:
+    """Presses Stop on the first reply message to carry the button, the instant the bot has posted it."""
+
+    def __init__(self, emulator: DiscordEmulator, person: EmulatedUser) -> None:
+        self.emulator, self.person = emulator, person
+        self.pressed: MessageRecord | None = None
+        self.click: asyncio.Task[InteractionRecord] | None = None
+
+    def __call__(self, record: MessageRecord) -> None:
+        if self.pressed is None and stop_buttons(record):
+            self.pressed = record
+            self.click = asyncio.create_task(self.emulator.component_interaction(record, STOP_ID, user=self.person))
+
+    def __enter__(self) -> PressAtOnce:
+        self.emulator.bot_writes.append(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.emulator.bot_writes.remove(self)
+
+
+async def stopped_at_once(emulator: DiscordEmulator, bot: BotProcess, press: PressAtOnce) -> None:
+    """The press found the answer: the reply says it was stopped, and the button did not count as stale."""
+    await emulator.wait_for(lambda: press.click is not None and press.click.done(), 60)
+    assert press.pressed is not None and press.click is not None
+    first, click = press.pressed, press.click.result()
+    # Stopped before it could write a word: the reply is just the note, without the button.
+    await emulator.wait_for(lambda: (first.content == STOPPED_NOTE.strip() and not first.buttons) or None, 30)
+    assert emulator.interaction_responses(click).deferred
+    assert f"Stop pressed on message {first.id}, whose answer has ended" not in bot.log()
+    assert all(m.content == STOPPED_NOTE.strip() for m in parts(emulator, first))
+
+
+async def test_a_stop_pressed_the_moment_the_reply_appears_stops_the_answer(
+    emulator: DiscordEmulator, bot: BotProcess
+) -> None:
+    with PressAtOnce(emulator, emulator.user) as press:
+        asked = await emulator.user_message(
+            emulator.channel_id, emulator.user, "What is this?", attachments=[("p.png", png(seed=21), "image/png")]
+        )
+        await stopped_at_once(emulator, bot, press)
+    assert press.pressed is not None and press.pressed.reference_id == int(asked["id"])
+    await can_ask_again(emulator, emulator.user, seed=22)
+
+
+async def test_a_stop_pressed_the_moment_an_ask_response_appears_stops_the_answer(
+    emulator: DiscordEmulator, bot: BotProcess
+) -> None:
+    with PressAtOnce(emulator, emulator.other_user) as press:
+        ask = await emulator.slash_command(
+            "ask",
+            {"question": "What is this?"},
+            user=emulator.other_user,
+            attachments={"image": ("a.png", png(23), "image/png")},
+        )
+        await stopped_at_once(emulator, bot, press)
+    assert press.pressed is not None and press.pressed.interaction_id == ask.id
+
+
 # --- deleting ---------------------------------------------------------------------------------------
 async def test_deleting_the_reply_stops_the_answer(emulator: DiscordEmulator, bot: BotProcess) -> None:
     asked, reply = await ask_until_streaming(emulator, emulator.user, seed=5)

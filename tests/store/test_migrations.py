@@ -23,7 +23,8 @@ from bot.store import (
     upgrade,
     upgrade_sync,
 )
-from bot.store.tables import Base
+from bot.store.replies import Interaction, abandoned
+from bot.store.tables import Base, utcnow
 from tests.store.conftest import count_rows, image
 
 # The fixtures and the tests must share one event loop, as the bot's resources do.
@@ -34,6 +35,8 @@ FIRST = "0001"
 BEFORE_OPEN_REPLIES = "0002"
 # The last revision without the rules shared between bot processes.
 BEFORE_SHARED_RULES = "0003"
+# The last revision whose open replies have no owner.
+BEFORE_REPLY_OWNERS = "0004"
 SHARED_RULES = {"active_questions", "generations"}
 TABLES = {"alembic_version", "images", "turns", "turn_messages", "settings", "open_replies", *SHARED_RULES}
 
@@ -77,6 +80,22 @@ async def seed_first_revision(engine: AsyncEngine) -> None:
                 },
             ],
         )
+
+
+async def seed_open_reply(
+    engine: AsyncEngine, channel_id: int, message_ids: list[int], token: str | None = None
+) -> int:
+    """An open reply as the bot recorded it before replies had owners; returns its id."""
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO open_replies (channel_id, message_ids, application_id, interaction_token)"
+                " VALUES (:channel, :ids, :app, :token)"
+            ),
+            {"channel": channel_id, "ids": json.dumps(message_ids), "app": 11 if token else None, "token": token},
+        )
+        found = await connection.execute(text("SELECT max(id) FROM open_replies"))
+        return int(found.scalar_one())
 
 
 async def test_upgrade_creates_the_schema_in_a_new_database_file(sqlite_db_url: str, tmp_path: Path) -> None:
@@ -235,10 +254,13 @@ async def test_the_open_replies_revision_upgrades_and_downgrades_without_touchin
     assert await current_revision(db_url) == BEFORE_SHARED_RULES
     engine = open_database(db_url)
     try:
-        replies = ReplyStore(session_factory(engine))
-        reply_id = await replies.open(5, [901, 902])
-        [stored] = await replies.open_replies()
-        assert (stored.id, stored.channel_id, stored.message_ids) == (reply_id, 5, (901, 902))
+        reply_id = await seed_open_reply(engine, 5, [901, 902])
+        async with engine.connect() as connection:
+            stored = (await connection.execute(text("SELECT id, channel_id, message_ids FROM open_replies"))).all()
+        # SQLite hands JSON back as text, PostgreSQL as the list.
+        ids = [row[2] if isinstance(row[2], list) else json.loads(row[2]) for row in stored]
+        assert [(row[0], row[1]) for row in stored] == [(reply_id, 5)]
+        assert ids == [[901, 902]]
     finally:
         await engine.dispose()
 
@@ -258,3 +280,48 @@ async def test_the_open_replies_revision_upgrades_and_downgrades_without_touchin
         assert await ReplyStore(session_factory(engine)).open_replies() == []
     finally:
         await engine.dispose()
+
+
+async def test_the_reply_owners_revision_keeps_open_replies_and_treats_them_as_left_over(db_url: str) -> None:
+    await upgrade(db_url, BEFORE_REPLY_OWNERS)
+    engine = open_database(db_url)
+    try:
+        first = await seed_open_reply(engine, 5, [901, 902])
+        second = await seed_open_reply(engine, 6, [903], token="tok")
+    finally:
+        await engine.dispose()
+
+    await upgrade(db_url)
+    engine = open_database(db_url)
+    try:
+        replies = ReplyStore(session_factory(engine))
+        left = await replies.of_others()
+        # Both kept with their messages; no process owns them, so a start closes them.
+        assert [(r.id, r.channel_id, r.message_ids, r.owner) for r in left] == [
+            (first, 5, (901, 902), None),
+            (second, 6, (903,), None),
+        ]
+        assert left[1].interaction == Interaction(11, "tok")
+        assert all(abandoned(reply, utcnow()) for reply in left)
+        assert await replies.adopt(left[0])
+        mine = await replies.open(7, [904])
+        # New rows after the upgrade take fresh ids (AUTOINCREMENT survives a rebuild of the table on SQLite).
+        assert mine > second
+    finally:
+        await engine.dispose()
+
+    await downgrade(db_url, BEFORE_REPLY_OWNERS)
+    assert await current_revision(db_url) == BEFORE_REPLY_OWNERS
+    engine = open_database(db_url)
+    try:
+        async with engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT id, channel_id FROM open_replies ORDER BY id"))).all()
+            columns = await connection.run_sync(
+                lambda sync: {c["name"] for c in inspect(sync).get_columns("open_replies")}
+            )
+        assert [tuple(row) for row in rows] == [(first, 5), (second, 6), (mine, 7)]
+        assert "owner" not in columns
+    finally:
+        await engine.dispose()
+    await upgrade(db_url)
+    assert await current_revision(db_url) == head_revision()
