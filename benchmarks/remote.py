@@ -188,15 +188,20 @@ def aggregate_rate(results: Sequence[dict[str, Any]]) -> float | None:
     return decode_union_rate(timings)
 
 
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def _record(run: PairedRun, results: Sequence[dict[str, Any]]) -> None:
     run.mention_to_first_text_s = median([r.get("mention_to_first_text_s") for r in results])
     run.decode_tokens_per_s = aggregate_rate(results)
 
 
 def measure_remote(runner: Runner, folder: Path, precision: str, scratch: Path) -> RemoteResult:
-    """The remote rows of the report: ``runner.options.pairs`` rounds (at least one) of the three arms."""
+    """The remote rows of the report: ``runner.options.pairs`` rounds (at least one; one when quick) of the arms."""
     options, engine = runner.options, runner.default_engine
-    rounds = max(options.pairs, 1)
+    # Four bot processes per round: a smoke run keeps to one.
+    rounds = 1 if options.quick else max(options.pairs, 1)
     result = RemoteResult(status="measured", precision=precision, engine=engine, rounds=rounds)
     local, remote, two = Arm(engine, precision), Arm(REMOTE, precision), Arm(TWO_BOTS, precision)
     log_path = runner.logs / "remote.log"
@@ -226,7 +231,7 @@ def measure_remote(runner: Runner, folder: Path, precision: str, scratch: Path) 
                 result.runs.append(run)
                 log.info(
                     "round %d, %s: first text after %s s, %s tok/s",
-                    round_ + 1, arm.engine, run.mention_to_first_text_s, run.decode_tokens_per_s,
+                    round_ + 1, arm.engine, _fmt(run.mention_to_first_text_s), _fmt(run.decode_tokens_per_s),
                 )  # fmt: skip
     except WorkerError as error:
         log.error("the measurement through llava-bot serve failed: %s", error)

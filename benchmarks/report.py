@@ -152,7 +152,7 @@ def _ratio_cells(ratio: PairedRatio | None) -> list[str]:
 def _remote_section(remote: RemoteResult) -> list[str]:
     lines = ["", "## Going remote (the bot through `llava-bot serve` on loopback)", ""]
     if remote.status != "measured":
-        return [*lines, f"Not measured ({remote.status}): {remote.reason}"]
+        return [*lines, f"Not measured ({remote.status})" + (f": {remote.reason}" if remote.reason else "")]
     lines += _table(
         ["bot", "mention -> first text (s)", "decode in bot (tok/s)"],
         [
