@@ -48,6 +48,8 @@ class BenchOptions:
     ov_config: dict[str, str] = field(default_factory=dict)
     bandwidth_mib: int = 512
     bot: bool = True
+    # The bot through `llava-bot serve` against the in-process engine, and two bots sharing one server.
+    remote: bool = True
     quick: bool = False
     # Longest a single measuring process may take before it counts as hung.
     worker_timeout_s: float = 1200.0
@@ -115,6 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="CPU", help="OpenVINO device (default: CPU)")
     parser.add_argument("--ov-config", action="append", default=[], metavar="KEY=VALUE", help="OpenVINO property")
     parser.add_argument("--no-bot", action="store_true", help="skip the measurement through the whole bot")
+    parser.add_argument(
+        "--no-remote",
+        action="store_true",
+        help="skip the rows of the bot through `llava-bot serve` (the cost of going remote, two bots on one server)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke mode: one short sample of everything, INT4 only")
 
 
@@ -130,6 +137,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         "out": Path(args.out),
         "device": args.device,
         "bot": not args.no_bot,
+        "remote": not args.no_bot and not args.no_remote,
     }
     for name in ("runs", "load_runs", "new_tokens", "concurrency_tokens"):
         value = getattr(args, name)

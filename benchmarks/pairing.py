@@ -40,6 +40,8 @@ class PairedRun:
     precision: str
     decode_tokens_per_s: float | None = None
     ttft_new_image_s: float | None = None
+    # Through the whole bot (the remote rows): from the mention to the first visible answer text.
+    mention_to_first_text_s: float | None = None
     # CPU time other processes took while this run went, as a share of all cores.
     foreign_cpu_share: float | None = None
     error: str | None = None

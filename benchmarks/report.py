@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.schema import Bandwidth, BenchResults, EngineResult, Target
+from benchmarks.pairing import PairedRatio
+from benchmarks.schema import Bandwidth, BenchResults, EngineResult, RemoteResult, Target
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,59 @@ def _paired_section(results: BenchResults) -> list[str]:
                 for r in results.paired_ratios
             ],
         )
+    return lines
+
+
+def _ratio_cells(ratio: PairedRatio | None) -> list[str]:
+    if ratio is None or ratio.median is None:
+        return [MISSING, MISSING]
+    gap = MISSING if ratio.load_gap is None else f"{ratio.load_gap * 100:.0f}%"
+    return [f"{ratio.median:.2f}x", f"{ratio.spread}; largest load gap {gap}"]
+
+
+def _remote_section(remote: RemoteResult) -> list[str]:
+    lines = ["", "## Going remote (the bot through `llava-bot serve` on loopback)", ""]
+    if remote.status != "measured":
+        return [*lines, f"Not measured ({remote.status})" + (f": {remote.reason}" if remote.reason else "")]
+    lines += _table(
+        ["bot", "mention -> first text (s)", "decode in bot (tok/s)"],
+        [
+            [
+                f"in-process {remote.engine} {remote.precision}",
+                _num(remote.in_process_first_text_s),
+                _rate(remote.in_process_tokens_per_s),
+            ],
+            [
+                f"openai -> llava-bot serve ({remote.engine})",
+                _num(remote.remote_first_text_s),
+                _rate(remote.remote_tokens_per_s),
+            ],
+            [
+                "2 bot processes at once, same server (aggregate)",
+                MISSING,
+                _rate(remote.two_bots_tokens_per_s),
+            ],
+        ],
+    )
+    lines += [""]
+    lines += _table(
+        ["ratio, per round", "median", "min-max over rounds"],
+        [
+            ["mention -> first text, remote / in-process", *_ratio_cells(remote.first_text_ratio)],
+            ["decode in bot, remote / in-process", *_ratio_cells(remote.decode_ratio)],
+            ["aggregate decode, 2 bots / 1 bot (same server)", *_ratio_cells(remote.two_bots_ratio)],
+        ],
+    )
+    failed = [f"round {r.round + 1} {r.engine}: {r.error}" for r in remote.runs if r.error]
+    lines += [
+        "",
+        f"{remote.rounds} round(s), each a fresh bot process per arm (one warm-up question, one measured) in turn: "
+        'the bot with the engine in its process, the bot with `model.engine = "openai"` against the server '
+        "(same engine, same folder), and two such bots asking at the same moment. The server's CPU time counts "
+        "as the benchmark's own in the load gap.",
+    ]
+    if failed:
+        lines += ["", "Failed runs: " + "; ".join(failed)]
     return lines
 
 
@@ -285,6 +339,7 @@ def markdown(results: BenchResults) -> str:
         )
     else:
         lines.append(f"Not measured ({bot.status}): {bot.reason}")
+    lines += _remote_section(results.remote)
     lines += ["", "## Targets", ""]
     lines += _table(
         ["target", "measured", "spread / note", "goal", "status"],

@@ -25,6 +25,7 @@ from benchmarks.schema import (
     ConcurrencyResult,
     EngineResult,
     ModelInfo,
+    RemoteResult,
     Settings,
 )
 from benchmarks.summary import apply_bandwidth, best_bandwidth, concurrency_result, fill_engine_result
@@ -58,7 +59,8 @@ def known_engines() -> list[str]:
 CHECKOUT = Path(__file__).resolve().parents[1]
 
 
-def _worker_env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
+    """The environment of every measuring process: offline, logging, and this checkout importable."""
     env = dict(os.environ)
     # The benchmark never downloads anything; a slow or absent network must not stall a measurement.
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,9 +84,7 @@ def run_module(module: str, args: Sequence[str], log_path: Path, timeout: float)
             sink.write(f"$ {' '.join(command)}\n".encode())
             sink.flush()
             try:
-                done = subprocess.run(
-                    command, stdout=sink, stderr=sink, env=_worker_env(), timeout=timeout, check=False
-                )
+                done = subprocess.run(command, stdout=sink, stderr=sink, env=worker_env(), timeout=timeout, check=False)
             except subprocess.TimeoutExpired as error:
                 raise WorkerError(
                     f"{module} {' '.join(args[:4])} took over {timeout:.0f} s (log: {log_path})"
@@ -267,6 +267,11 @@ class Runner:
                 results.bot = self.measure_bot(folder, concurrency_precision, results, Path(scratch))
             else:
                 results.bot = BotResult(status="unavailable", reason="skipped (--no-bot)")
+            if options.bot and options.remote:
+                results.remote = self.measure_remote(folder, concurrency_precision, Path(scratch))
+            else:
+                skipped = "--no-bot" if not options.bot else "--no-remote"
+                results.remote = RemoteResult(status="unavailable", reason=f"skipped ({skipped})")
         # Measured again at the end and the better kept: a neighbour on a shared host can slow one measurement.
         results.bandwidth = best_bandwidth(results.bandwidth, measure_bandwidth(options.bandwidth_mib))
         apply_bandwidth(results)
@@ -328,17 +333,7 @@ class Runner:
             return BotResult(status="unavailable", reason=reason)
         engine = self.default_engine
         raw = results.engine(engine, precision)
-        args = [
-            "--model-dir", str(folder),
-            "--engine", engine,
-            "--precision", precision,
-            "--runs", str(self.options.runs),
-            "--new-tokens", str(self.options.new_tokens),
-            "--cache-dir", str(scratch / "cache-bot"),
-            "--device", self.options.device,
-        ]  # fmt: skip
-        for key, value in self.options.ov_config.items():
-            args += ["--ov-config", f"{key}={value}"]
+        args = self.bot_args(folder, engine, precision, self.options.runs, scratch / "cache-bot")
         log.info("measuring %s on %s through the bot and the loopback Discord emulator", engine, precision)
         try:
             data = run_module("benchmarks.whole_bot", args, self.logs / "bot.log", self.options.worker_timeout_s)
@@ -351,6 +346,31 @@ class Runner:
             if result.bot_tokens_per_s:
                 result.overhead_ratio = result.bot_tokens_per_s / raw.decode_tokens_per_s
         return result
+
+    def bot_args(self, folder: Path, engine: str, precision: str, runs: int, cache: Path) -> list[str]:
+        """The arguments of a ``benchmarks.whole_bot`` process asking ``runs`` measured questions."""
+        args = [
+            "--model-dir", str(folder),
+            "--engine", engine,
+            "--precision", precision,
+            "--runs", str(runs),
+            "--new-tokens", str(self.options.new_tokens),
+            "--cache-dir", str(cache),
+            "--device", self.options.device,
+        ]  # fmt: skip
+        for key, value in self.options.ov_config.items():
+            args += ["--ov-config", f"{key}={value}"]
+        return args
+
+    def measure_remote(self, folder: Path, precision: str, scratch: Path) -> RemoteResult:
+        """The bot through ``llava-bot serve`` against the in-process bot, and two bots on one server."""
+        from benchmarks.remote import measure_remote
+        from benchmarks.whole_bot import bot_unavailable_reason
+
+        reason = bot_unavailable_reason()
+        if reason is not None:
+            return RemoteResult(status="unavailable", reason=reason)
+        return measure_remote(self, folder, precision, scratch)
 
 
 def run_bench(options: BenchOptions) -> tuple[BenchResults, str]:

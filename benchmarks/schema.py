@@ -168,6 +168,36 @@ class BotResult:
 
 
 @dataclass
+class RemoteResult:
+    """The bot through ``llava-bot serve`` on loopback against the bot with the engine in its own process.
+
+    Every round runs three arms one after the other (alternated, see :mod:`benchmarks.pairing`): the bot with the
+    default engine in its process, the bot with ``model.engine = "openai"`` against the server, and two such bot
+    processes asking at once. ``status`` is "measured", "unavailable" or "failed".
+    """
+
+    status: str = "unavailable"
+    reason: str | None = None
+    precision: str | None = None
+    # The engine of the in-process bot, and the one the server runs (the same, so only the HTTP hop differs).
+    engine: str | None = None
+    rounds: int = 0
+    # Medians over the rounds.
+    in_process_first_text_s: float | None = None
+    remote_first_text_s: float | None = None
+    in_process_tokens_per_s: float | None = None
+    remote_tokens_per_s: float | None = None
+    # Two bots at once: their answers' tokens over the time at least one of them was decoding.
+    two_bots_tokens_per_s: float | None = None
+    # remote / in-process, per round: above 1.0 the first text comes later, below 1.0 decoding is slower.
+    first_text_ratio: PairedRatio | None = None
+    decode_ratio: PairedRatio | None = None
+    # two bots' aggregate / one bot's, per round: 2.0 would be perfect sharing of the server.
+    two_bots_ratio: PairedRatio | None = None
+    runs: list[PairedRun] = field(default_factory=list)
+
+
+@dataclass
 class Target:
     """A goal shown as a ratio; ``met`` is null when a number it needs was not measured."""
 
@@ -211,6 +241,7 @@ class BenchResults:
     engines: list[EngineResult] = field(default_factory=list)
     concurrency: list[ConcurrencyResult] = field(default_factory=list)
     bot: BotResult = field(default_factory=BotResult)
+    remote: RemoteResult = field(default_factory=RemoteResult)
     targets: list[Target] = field(default_factory=list)
     # Engines and precisions alternated run by run, and the ratios taken from neighbouring runs.
     paired: list[PairedRun] = field(default_factory=list)
@@ -229,4 +260,8 @@ class BenchResults:
         data["paired_ratios"] = [
             {**dataclasses.asdict(r), "spread": r.spread, "load_ok": r.load_ok} for r in self.paired_ratios
         ]
+        for key in ("first_text_ratio", "decode_ratio", "two_bots_ratio"):
+            ratio = getattr(self.remote, key)
+            if ratio is not None:
+                data["remote"][key].update(spread=ratio.spread, load_ok=ratio.load_ok)
         return data

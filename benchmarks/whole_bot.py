@@ -9,6 +9,11 @@ on Discord; the numbers are what a person in the channel would see, plus what th
 * mention -> final edit: the last write of the answer;
 * the engine's decode tokens/s inside the bot (the runner divides it by the engine's speed alone);
 * lateness of the bot's event loop while it answers.
+
+With ``--base-url`` and ``--remote-model`` the bot answers through an OpenAI-compatible server
+(``model.engine = "openai"``) instead of an engine in its own process. ``--ready-file`` and ``--go-file`` let
+several such processes ask at the same moment: each one touches its ready file after the warm-up and waits for
+the go file before its measured questions.
 """
 
 from __future__ import annotations
@@ -83,17 +88,29 @@ async def bench_bot(
     cache_dir: Path,
     device: str = "CPU",
     ov_config: dict[str, str] | None = None,
+    base_url: str | None = None,
+    remote_model: str | None = None,
+    barrier: tuple[Path, Path] | None = None,
 ) -> dict[str, Any]:
     """Ask the running bot ``runs`` questions, each with a new picture, after one unmeasured warm-up.
 
     Returns the fields of :class:`benchmarks.schema.BotResult` (the raw engine speed and the ratio to it are
-    filled in by the runner, which measured the engine alone).
+    filled in by the runner, which measured the engine alone). With ``base_url`` the bot uses the remote engine;
+    with ``barrier`` (ready file, go file) it waits between the warm-up and the measured questions.
     """
     from bot.client import LlavaBot
     from bot.config import DiscordConfig, parse_config
     from bot.services import build_services
 
     emulated = _emulator_module()
+    remote: dict[str, Any] = {}
+    if base_url:
+        # The folder still lends the tokenizer; the answers come from the server.
+        remote = {
+            "base_url": base_url,
+            "remote_model": remote_model or "",
+            "request_timeout": _ANSWER_TIMEOUT_S,
+        }
     with tempfile.TemporaryDirectory(prefix="llava-bench-bot-") as scratch:
         config = parse_config(
             {
@@ -102,10 +119,11 @@ async def bench_bot(
                 "model": {
                     "dir": str(model_dir),
                     "precision": precision,
-                    "engine": engine,
+                    "engine": "openai" if base_url else engine,
                     "device": device,
                     "max_new_tokens": new_tokens,
                     "ov_config": {**(ov_config or {}), "CACHE_DIR": str(cache_dir)},
+                    **remote,
                 },
                 "database": {"url": f"sqlite+aiosqlite:///{Path(scratch) / 'bench.sqlite3'}"},
             }
@@ -118,12 +136,22 @@ async def bench_bot(
                     LlavaBot(config, services, guild_ready_timeout=0.05), emulator, ready_timeout=_ANSWER_TIMEOUT_S
                 ) as bot,
             ):
-                return await _ask(bot, emulator, runs)
+                return await _ask(bot, emulator, runs, barrier)
         finally:
             await services.close()
 
 
-async def _ask(bot: Any, emulator: Any, runs: int) -> dict[str, Any]:
+async def _wait_for_go(barrier: tuple[Path, Path]) -> None:
+    ready, go = barrier
+    ready.touch()
+    deadline = time.monotonic() + _ANSWER_TIMEOUT_S
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no start signal ({go}) within {_ANSWER_TIMEOUT_S:.0f} s")
+        await asyncio.sleep(0.02)
+
+
+async def _ask(bot: Any, emulator: Any, runs: int, barrier: tuple[Path, Path] | None = None) -> dict[str, Any]:
     streams: list[Any] = []
     answered: list[float] = []
     generate, answer = bot.model_manager.generate, bot.chat.answer
@@ -149,9 +177,14 @@ async def _ask(bot: Any, emulator: Any, runs: int) -> dict[str, Any]:
         "bot_tokens_per_s": [],
         "edits": [],
         "new_tokens": [],
+        # [first token, last token, tokens] of each answer on the machine-wide monotonic clock, so the runner can
+        # merge the answers of several processes into one aggregate rate.
+        "decode_spans": [],
     }
     lags: list[float] = []
     for run in range(-1, runs):
+        if run == 0 and barrier is not None:
+            await _wait_for_go(barrier)
         # Each question starts a fresh conversation, like the raw engine's new-image measurement.
         await bot.chat.reset(channel)
         image = _jpeg(_WARM_UP_SEED if run < 0 else _RUN_SEED + run)
@@ -180,6 +213,7 @@ async def _ask(bot: Any, emulator: Any, runs: int) -> dict[str, Any]:
         samples["bot_tokens_per_s"].append(stats.decode_tokens_per_second)
         samples["edits"].append(sum(1 for r in writes if r.method == "PATCH"))
         samples["new_tokens"].append(stats.new_tokens)
+        samples["decode_spans"].append([stats.first_token, stats.finished, stats.new_tokens])
         lags.extend(lag.samples)
         log.info(
             "run %d: first text after %.2f s, final edit after %.2f s",
@@ -210,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--device", default="CPU")
     parser.add_argument("--ov-config", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--base-url", help="answer through this OpenAI-compatible server (engine openai)")
+    parser.add_argument("--remote-model", help="the model name the server knows")
+    parser.add_argument("--ready-file", help="touched after the warm-up question")
+    parser.add_argument("--go-file", help="the measured questions start once this file exists")
     parser.add_argument("--result", help="write the JSON here instead of printing it")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -232,9 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cache_dir=Path(args.cache_dir),
                 device=args.device,
                 ov_config=ov_config,
+                base_url=args.base_url,
+                remote_model=args.remote_model,
+                barrier=(Path(args.ready_file), Path(args.go_file)) if args.ready_file and args.go_file else None,
             )
         )
-        result.update(engine=args.engine, precision=args.precision)
+        result.update(engine="openai" if args.base_url else args.engine, precision=args.precision)
     emit_result(result, args.result)
     return 0
 

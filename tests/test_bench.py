@@ -18,6 +18,7 @@ from benchmarks.machine import aggregate_rates
 from benchmarks.model import synthetic_spec
 from benchmarks.options import add_arguments, options_from_args
 from benchmarks.pairing import Arm, PairedRun, load_refusal, paired_ratio, paired_ratios, schedule
+from benchmarks.remote import REMOTE, TWO_BOTS, aggregate_rate
 from benchmarks.report import markdown, target_status
 from benchmarks.runner import default_engine
 from benchmarks.schema import Bandwidth, BenchResults, BotResult, Machine, ModelInfo, Settings, Target
@@ -137,6 +138,59 @@ def test_paired_runs_alternate_the_engines(quick_run: tuple[Path, str]) -> None:
     assert "Paired runs" in printed
     bandwidth = data["bandwidth"]
     assert _positive(bandwidth["aggregate_gb_per_s"]) and bandwidth["readers"] == data["machine"]["usable_cpus"]
+
+
+def test_going_remote_is_measured_against_the_in_process_bot(quick_run: tuple[Path, str]) -> None:
+    out, printed = quick_run
+    data = json.loads((out / "results.json").read_text())
+    remote = data["remote"]
+    assert remote["status"] == "measured", remote["reason"]
+    assert remote["engine"] == data["settings"]["default_engine"] and remote["precision"] == "INT4"
+    runs = remote["runs"]
+    # Every round runs the in-process bot, one bot through the server, then two at once, in that order.
+    assert [r["engine"] for r in runs] == [remote["engine"], REMOTE, TWO_BOTS] * remote["rounds"]
+    for run in runs:
+        assert run["error"] is None, run["error"]
+        assert _positive(run["mention_to_first_text_s"]) and _positive(run["decode_tokens_per_s"])
+        assert run["foreign_cpu_share"] is not None
+    for field in (
+        "in_process_first_text_s",
+        "remote_first_text_s",
+        "in_process_tokens_per_s",
+        "remote_tokens_per_s",
+        "two_bots_tokens_per_s",
+    ):
+        assert _positive(remote[field]), field
+    local, one, two = runs[:3]
+    ratios = {
+        "first_text_ratio": one["mention_to_first_text_s"] / local["mention_to_first_text_s"],
+        "decode_ratio": one["decode_tokens_per_s"] / local["decode_tokens_per_s"],
+        "two_bots_ratio": two["decode_tokens_per_s"] / one["decode_tokens_per_s"],
+    }
+    for key, first_round in ratios.items():
+        ratio = remote[key]
+        assert len(ratio["ratios"]) == remote["rounds"] and ratio["ratios"][0] == pytest.approx(first_round)
+        assert ratio["low"] <= ratio["median"] <= ratio["high"] and ratio["spread"]
+    assert "Going remote" in printed and "2 bots / 1 bot" in printed
+
+
+def test_two_bots_decoding_at_once_add_up() -> None:
+    # Two processes' answers decoding over the same second: twice the tokens of one in that second.
+    one = {"samples": {"decode_spans": [[100.0, 101.0, 11]]}}
+    assert aggregate_rate([one]) == pytest.approx(10.0)
+    assert aggregate_rate([one, one]) == pytest.approx(20.0)
+    later = {"samples": {"decode_spans": [[101.0, 102.0, 11]]}}
+    assert aggregate_rate([one, later]) == pytest.approx(10.0)
+    assert aggregate_rate([{"samples": {"decode_spans": [[None, None, 0]]}}]) is None
+
+
+def test_the_remote_rows_can_be_skipped() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert options_from_args(parser.parse_args([])).remote
+    assert not options_from_args(parser.parse_args(["--no-remote"])).remote
+    # They go through the bot, so skipping the bot skips them too.
+    assert not options_from_args(parser.parse_args(["--no-bot"])).remote
 
 
 def test_decode_union_counts_overlapping_decoding_once() -> None:
