@@ -84,6 +84,7 @@ class LlavaBot(commands.Bot):
             model.device,
             model.ov_config,
             stall_timeout=model.stall_timeout,
+            batching=model.batching(),
             **remote_options(config),
         )
         precision = await self.store.get_setting("precision") or model.precision

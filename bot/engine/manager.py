@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.engine import variants
-from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
+from bot.engine.base import BatchingOptions, Engine, EngineError, GenerationSettings, TextStream, Turn
 from bot.engine.supervisor import Backoff, Health, Supervisor
 
 if TYPE_CHECKING:
@@ -31,17 +31,32 @@ ENGINE_KINDS: tuple[str, ...] = tuple(ENGINES)
 # The engine that streams from an OpenAI-compatible server instead; it needs no converted folder.
 REMOTE_KIND = "openai"
 BOT_ENGINE_KINDS: tuple[str, ...] = (*ENGINE_KINDS, REMOTE_KIND)
+# The engines that take :class:`BatchingOptions` (the others run one answer at a time and have no KV pool).
+BATCHING_KINDS: tuple[str, ...] = ("genai-batching",)
 
 
-def load_engine(kind: str, folder: Path, device: str = "CPU", ov_config: dict[str, str] | None = None) -> Engine:
-    """Load one precision folder with the named engine (blocking: call it off the event loop)."""
+def load_engine(
+    kind: str,
+    folder: Path,
+    device: str = "CPU",
+    ov_config: dict[str, str] | None = None,
+    batching: BatchingOptions | None = None,
+) -> Engine:
+    """Load one precision folder with the named engine (blocking: call it off the event loop).
+
+    ``batching`` tunes the batching engines and is ignored by the others.
+    """
     if kind not in ENGINES:
         raise EngineError(f"Unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}.")
     if not variants.is_complete(folder):
         raise EngineError(f"Cannot load the model: {variants.describe_missing(folder)}.")
     module_name, class_name = ENGINES[kind].split(":")
-    engine_class: type[Engine] = getattr(importlib.import_module(module_name), class_name)
-    return engine_class(str(folder), device, ov_config)
+    engine_class = getattr(importlib.import_module(module_name), class_name)
+    if kind in BATCHING_KINDS and batching is not None:
+        engine: Engine = engine_class(str(folder), device, ov_config, options=batching)
+        return engine
+    engine = engine_class(str(folder), device, ov_config)
+    return engine
 
 
 class ModelManager:
@@ -64,6 +79,7 @@ class ModelManager:
         backoff: Backoff | None = None,
         remote: RemoteSettings | None = None,
         remote_models: dict[str, str] | None = None,
+        batching: BatchingOptions | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.kind = kind
@@ -73,6 +89,7 @@ class ModelManager:
         self.remote_models = {variants.normalise_precision(p): name for p, name in (remote_models or {}).items()}
         self.device = device
         self.ov_config = dict(ov_config or {})
+        self.batching = batching
         self.precision: str | None = None
         self._engine: Engine | None = None
         self._in_flight: dict[int, int] = {}
@@ -137,7 +154,7 @@ class ModelManager:
             log.info("Using %s at %s (%s engine)", settings.model, settings.base_url, self.kind)
             return RemoteEngine(settings)
         log.info("Loading %s (%s engine on %s)", folder, self.kind, self.device)
-        return load_engine(self.kind, folder, self.device, self.ov_config)
+        return load_engine(self.kind, folder, self.device, self.ov_config, self.batching)
 
     def _retire(self, engine: Engine) -> None:
         # Called at the switch and again as each of its streams ends; the last one closes it.
