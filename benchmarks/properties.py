@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.workload import FIRST_QUESTION, make_image, timed_generation
 from bot.engine.base import Engine, GenerationSettings, Turn
 from bot.engine.manager import load_engine
@@ -175,10 +177,74 @@ async def answers(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _teacher_forced_logits(folder: Path, ov_config: dict[str, str], ids: np.ndarray, prefill: int) -> np.ndarray:
+    """Logits of the language model alone for ``ids``: ``prefill`` tokens in one request, then one at a time
+    (the decode path), every model fed the same tokens whatever it would have chosen."""
+    import openvino as ov
+
+    core = ov.Core()
+    embed = core.compile_model(
+        folder / "openvino_text_embeddings_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    embeds = np.array(embed({0: ids[None]})[0], dtype=np.float32)
+    model = core.compile_model(folder / "openvino_language_model.xml", "CPU", ov_config)
+    request = model.create_infer_request()
+    names = {port.get_any_name() for port in model.inputs}
+    rows = []
+    spans = [(0, prefill)] + [(i, i + 1) for i in range(prefill, len(ids))]
+    for start, end in spans:
+        inputs: dict[str, Any] = {
+            "inputs_embeds": embeds[:, start:end],
+            "attention_mask": np.ones((1, end), dtype=np.int64),
+            "position_ids": np.arange(start, end, dtype=np.int64)[None],
+        }
+        if "beam_idx" in names:
+            inputs["beam_idx"] = np.zeros(1, dtype=np.int32)
+        request.infer(inputs)
+        rows.append(np.array(request.get_tensor("logits").data, dtype=np.float32)[0, -(end - start) :])
+    return np.concatenate(rows)
+
+
+def logits(args: argparse.Namespace) -> dict[str, Any]:
+    """Max logit difference and top-1 agreement of both arms and the f32 reference, on the same tokens."""
+    vocab = int(
+        json.loads((Path(args.folder) / "config.json").read_text()).get("text_config", {}).get("vocab_size", 32000)
+    )
+    ids = np.random.default_rng(0).integers(3, vocab, args.prefill + args.new_tokens).astype(np.int64)
+    got = {
+        "A": _teacher_forced_logits(Path(args.folder), _pairs(args.a), ids, args.prefill),
+        "B": _teacher_forced_logits(Path(args.folder), _pairs(args.b), ids, args.prefill),
+        "reference": _teacher_forced_logits(
+            Path(args.reference), {"INFERENCE_PRECISION_HINT": "f32"}, ids, args.prefill
+        ),
+    }
+    decode = slice(args.prefill, None)
+
+    def compare(x: str, y: str) -> dict[str, float]:
+        diff = np.abs(got[x] - got[y])
+        same = got[x].argmax(-1) == got[y].argmax(-1)
+        return {
+            "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()),
+            "top1_agreement_prefill": float(same[: args.prefill].mean()),
+            "top1_agreement_decode": float(same[decode].mean()),
+        }
+
+    spread = float(got["reference"].std())
+    return {
+        "folder": args.folder,
+        "arms": {"A": _pairs(args.a), "B": _pairs(args.b)},
+        "reference_logit_std": spread,
+        "A vs B": compare("A", "B"),
+        "A vs reference": compare("A", "reference"),
+        "B vs reference": compare("B", "reference"),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; prints the summary as JSON on stdout."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.properties", description=__doc__)
-    parser.add_argument("mode", choices=("speed", "answers"))
+    parser.add_argument("mode", choices=("speed", "answers", "logits"))
     parser.add_argument("--folder", required=True, help="one precision folder")
     parser.add_argument("--engine", default="genai-batching")
     parser.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE", help="arm A's properties (default: none)")
@@ -187,8 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reference", help="answers: the FP16 folder, inferred in f32")
     parser.add_argument("--count", type=int, default=8, help="answers: how many questions")
+    parser.add_argument("--prefill", type=int, default=32, help="logits: tokens given at once before decoding")
     args = parser.parse_args(argv)
-    result = asyncio.run(speed(args) if args.mode == "speed" else answers(args))
+    if args.mode == "logits":
+        result = logits(args)
+    else:
+        result = asyncio.run(speed(args) if args.mode == "speed" else answers(args))
     print(json.dumps(result, indent=1))
     return 0
 
