@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.properties import Load
 from benchmarks.workload import FIRST_QUESTION, make_image
 from bot.engine.base import BatchingOptions, GenerationSettings, Turn
 from bot.engine.batching.detokenize import IncrementalText
@@ -143,13 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     ov_config = dict(item.split("=", 1) for item in args.ov_config)
-    steps, messages = worker_steps(folder, ov_config, args.tokens)
+    with Load() as during_steps:
+        steps, messages = worker_steps(folder, ov_config, args.tokens)
+    with Load() as during_bare:
+        bare = bare_language_model(folder, ov_config, args.tokens)
     result = {
         "folder": str(folder),
         "ov_config": ov_config,
         "worker": steps,
         "parent": parent_side(folder, messages),
-        "bare": bare_language_model(folder, ov_config, args.tokens),
+        "bare": bare,
+        # Other processes' share of the CPU while the worker and the bare model ran.
+        "other_load": {"worker": during_steps.share, "bare": during_bare.share},
     }
     print(json.dumps(result, indent=1))
     return 0
