@@ -17,7 +17,7 @@ import pytest
 
 from bot.engine.base import BatchingOptions, EngineError, GenerationSettings, Turn
 from bot.engine.batching import BatchingEngine, EmbedInputs, IncrementalText
-from bot.engine.manager import load_engine
+from bot.engine.manager import ModelManager, load_engine
 from bot.engine.template import ChatTemplate
 from tests.conftest import F32, sample_image
 from tests.engine.test_engines import reference_text
@@ -260,10 +260,12 @@ async def test_configured_options_reach_the_pipeline(tiny_llava: tuple[Path, Pat
     """One answer at a time makes the second question wait for the first; tiny prefill chunks still give the
     same answers; without an image cache a follow-up encodes its image again."""
     options = BatchingOptions(kv_cache_gb=1, max_batched_tokens=16, image_cache_size=0, concurrency=1)
-    engine_alone = await asyncio.to_thread(load_engine, KIND, tiny_llava[1] / "FP16", "CPU", F32, options)
+    manager = ModelManager(tiny_llava[1], KIND, "CPU", F32, batching=options)  # as the bot builds it
+    await manager.switch("FP16")
+    engine_alone = manager.engine
     assert isinstance(engine_alone, BatchingEngine)
     try:
-        assert engine_alone.max_concurrency == 1
+        assert manager.concurrency == 1  # what the bot's scheduler admits at once
         first, second = channels()[:2]
         settings = GenerationSettings(max_new_tokens=8, ignore_eos=True)
         streams = [engine_alone.generate(c, settings) for c in (first, second)]
@@ -275,7 +277,7 @@ async def test_configured_options_reach_the_pipeline(tiny_llava: tuple[Path, Pat
         await answer(engine_alone, follow_up, max_new_tokens=2, ignore_eos=True)
         assert engine_alone.images_encoded == encoded + 1
     finally:
-        await asyncio.to_thread(engine_alone.close)
+        await manager.close()
 
 
 def test_a_bad_option_is_refused_naming_it(tiny_llava: tuple[Path, Path]) -> None:
