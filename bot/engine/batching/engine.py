@@ -122,16 +122,7 @@ class BatchingEngine(TemplateEngine):
             # Building embeddings here needs LLaVA-1.5's simple layout: one fixed block of features per image.
             embeds_here = self.template.model_type == "llava"
             image_token = self.template.image_token_id if embeds_here else None
-            self.options = WorkerOptions(
-                model_dir=str(model_dir),
-                device=device,
-                ov_config=dict(self.ov_config),
-                kv_cache_gb=options.kv_cache_gb or default_kv_cache_gb(model_dir),
-                max_batched_tokens=options.max_batched_tokens,
-                image_cache_size=options.image_cache_size,
-                max_sequences=options.concurrency,
-                image_token_id=image_token,
-            )
+            self.options = self._worker_options(options, image_token)
             self._conn.send(self.options)
             self._await_ready()
         except BaseException:
@@ -148,6 +139,18 @@ class BatchingEngine(TemplateEngine):
             options.max_batched_tokens,
             options.concurrency,
             "image cache" if embeds_here else "genai image encoding",
+        )
+
+    def _worker_options(self, options: BatchingOptions, image_token: int | None) -> WorkerOptions:
+        return WorkerOptions(
+            model_dir=str(self.model_dir),
+            device=self.device,
+            ov_config=dict(self.ov_config),
+            kv_cache_gb=options.kv_cache_gb or default_kv_cache_gb(self.model_dir),
+            max_batched_tokens=options.max_batched_tokens,
+            image_cache_size=options.image_cache_size,
+            max_sequences=options.concurrency,
+            image_token_id=image_token,
         )
 
     def _abandon_worker(self) -> None:
