@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bot.engine import variants
+from bot.engine.base import BatchingOptions
 from bot.engine.convert import DEFAULT_MODEL
 from bot.engine.manager import local_engines
 from bot.engine.ov_config import BadPair, parse_pairs
@@ -29,6 +30,34 @@ def _ov_config(pairs: Sequence[str]) -> dict[str, str]:
         return parse_pairs(pairs)
     except BadPair as error:
         raise CliError(f"--ov-config: {error}") from error
+
+
+def _add_batching_flags(parser: argparse.ArgumentParser, *, concurrency: bool) -> None:
+    defaults = BatchingOptions()
+    group = parser.add_argument_group("genai-batching engine (as the model.* keys of config.toml)")
+    group.add_argument("--kv-cache-gb", type=int, default=defaults.kv_cache_gb, help="KV cache in GB (0: automatic)")
+    group.add_argument(
+        "--max-batched-tokens", type=int, default=defaults.max_batched_tokens, help="most tokens one step computes"
+    )
+    group.add_argument(
+        "--image-cache-size", type=int, default=defaults.image_cache_size, help="encoded images kept for follow-ups"
+    )
+    if concurrency:
+        group.add_argument("--concurrency", type=int, default=defaults.concurrency, help="answers decoded together")
+
+
+def _batching(args: argparse.Namespace) -> BatchingOptions:
+    """The batching options of the command line; a bad one ends the command naming its flag."""
+    options = BatchingOptions(
+        args.kv_cache_gb,
+        args.max_batched_tokens,
+        args.image_cache_size,
+        getattr(args, "concurrency", BatchingOptions.concurrency),
+    )
+    problem = options.problem()
+    if problem is not None:
+        raise CliError(f"--{problem[0].replace('_', '-')} {problem[1]}")
+    return options
 
 
 def default_model_dir(model: str) -> Path:
@@ -123,9 +152,10 @@ async def _chat(args: argparse.Namespace) -> int:
         raise CliError(f"{variants.describe_missing(folder)}. To create it, run: {_convert_hint(folder)}")
     images = [_load_image(p) for p in args.image]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    batching, ov_config = _batching(args), _ov_config(args.ov_config)
     started = time.monotonic()
     try:
-        engine = await asyncio.to_thread(load_engine, args.engine, folder, args.device, ov_config)
+        engine = await asyncio.to_thread(load_engine, args.engine, folder, args.device, ov_config, batching)
     except EngineError as error:
         raise CliError(str(error)) from error
     except RuntimeError as error:  # OpenVINO reports unknown devices and bad properties this way
@@ -210,6 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 device=args.device,
                 ov_config=ov_config,
                 api_key=api_key,
+                batching=_batching(args),
             )
         )
     except EngineError as error:
@@ -284,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("question", nargs="?", help="ask once and exit; without it, chat interactively")
+    _add_batching_flags(chat, concurrency=False)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
@@ -295,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="CPU", help="CPU, GPU or AUTO (default: CPU)")
     serve.add_argument("--ov-config", action="append", default=[], metavar="KEY=VALUE", help="OpenVINO property")
     serve.add_argument("--api-key-env", metavar="VAR", help="require the key held by this environment variable")
+    _add_batching_flags(serve, concurrency=True)
     serve.set_defaults(func=cmd_serve)
 
     db = sub.add_parser("db", help=cmd_db.__doc__, description=cmd_db.__doc__)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.chat.ratelimit import parse_rate_limit
+from bot.engine.base import BatchingOptions
 from bot.engine.manager import ENGINES, REMOTE_KIND
 from bot.engine.variants import PRECISIONS
 
@@ -93,6 +94,18 @@ class ModelConfig:
     request_timeout: float = 60.0
     # Context window in tokens when neither a local tokenizer nor the server tells it.
     context_window: int = 4096
+    # engine = "genai-batching": KV cache in GB (0: sized automatically, ~32k tokens, at most 1/4 of the memory).
+    kv_cache_gb: int = 0
+    # engine = "genai-batching": the most tokens one step computes (a new image is prefilled in such chunks).
+    max_batched_tokens: int = 256
+    # engine = "genai-batching": encoded images kept for follow-ups (LLaVA-1.5).
+    image_cache_size: int = 16
+    # engine = "genai-batching": answers decoded together; further questions wait their turn.
+    concurrency: int = 4
+
+    def batching(self) -> BatchingOptions:
+        """The batching engine's options from these keys."""
+        return BatchingOptions(self.kv_cache_gb, self.max_batched_tokens, self.image_cache_size, self.concurrency)
 
 
 @dataclass
@@ -184,6 +197,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("model.temperature must be in [0, 5] and model.top_p in (0, 1]")
     if model.stall_timeout <= 0:
         raise ConfigError("model.stall_timeout must be more than 0 seconds")
+    problem = model.batching().problem()
+    if problem is not None:
+        raise ConfigError(f"model.{problem[0]} {problem[1]}")
     if config.discord.reset_permission not in ("everyone", "moderators", "admins"):
         raise ConfigError("discord.reset_permission must be 'everyone', 'moderators' or 'admins'")
     if config.discord.edit_interval < 0.2:

@@ -112,6 +112,7 @@ def make_model_manager(config: Config) -> ModelManager:
         model.device,
         model.ov_config,
         stall_timeout=model.stall_timeout,
+        batching=model.batching(),
         **remote_options(config),
     )
 

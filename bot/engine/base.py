@@ -83,6 +83,43 @@ class GenerationSettings:
         return self.temperature <= 0.0
 
 
+# The most answers the batching engine decodes together: beyond a few, attention work per step grows faster
+# than the shared weight reads save, and every sequence holds KV cache.
+MAX_CONCURRENCY_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """The continuous-batching engine's memory and concurrency trade-offs (openvino-genai's scheduler).
+
+    ``kv_cache_gb``: KV cache in whole GB, 0 = sized automatically (room for ~32k tokens, at most a quarter of
+    the memory); more keeps more finished conversations reusable and lets more answers run before one waits.
+    ``max_batched_tokens``: the most tokens one step computes; a new image's prompt is prefilled in chunks of
+    this size between the other answers' tokens (smaller: smoother streams, larger: faster prefill).
+    ``image_cache_size``: encoded images kept for follow-ups (each LLaVA-1.5 image: 576 x hidden floats).
+    ``concurrency``: answers decoded together (the scheduler's ``max_num_seqs``); more questions wait in turn.
+    """
+
+    kv_cache_gb: int = 0
+    max_batched_tokens: int = 256
+    image_cache_size: int = 16
+    concurrency: int = 4
+
+    def problem(self) -> tuple[str, str] | None:
+        """The first bad option as ``(field, what is wrong)``, or None."""
+        if self.kv_cache_gb < 0:
+            return "kv_cache_gb", f"must be a whole number of GB, or 0 to size it automatically, got {self.kv_cache_gb}"
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY_LIMIT:
+            return "concurrency", f"must be between 1 and {MAX_CONCURRENCY_LIMIT}, got {self.concurrency}"
+        if self.max_batched_tokens < max(16, self.concurrency):
+            return "max_batched_tokens", (
+                f"must be at least 16 and at least the concurrency ({self.concurrency}), got {self.max_batched_tokens}"
+            )
+        if self.image_cache_size < 0:
+            return "image_cache_size", f"must be 0 (no cache) or more images, got {self.image_cache_size}"
+        return None
+
+
 class EngineError(RuntimeError):
     """A failure worth telling the person about; ``str(error)`` is a plain sentence."""
 
@@ -194,6 +231,8 @@ class Engine(abc.ABC):
     needs_model_folder: ClassVar[bool] = True
     # Heavy modules the engine imports while loading; the benchmark imports them before timing the load.
     imports_on_load: ClassVar[tuple[str, ...]] = ()
+    # True for an engine whose constructor takes ``options=BatchingOptions`` (KV cache, batch, concurrency).
+    takes_batching_options: ClassVar[bool] = False
 
     def __init__(self, model_dir: str, device: str = "CPU", ov_config: dict[str, str] | None = None) -> None:
         self.model_dir = model_dir

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.engine import variants
-from bot.engine.base import Engine, EngineError, GenerationSettings, TextStream, Turn
+from bot.engine.base import BatchingOptions, Engine, EngineError, GenerationSettings, TextStream, Turn
 from bot.engine.supervisor import Backoff, Health, Supervisor
 
 if TYPE_CHECKING:
@@ -46,13 +46,24 @@ def engine_class(kind: str) -> type[Engine]:
     return found
 
 
-def load_engine(kind: str, folder: Path, device: str = "CPU", ov_config: dict[str, str] | None = None) -> Engine:
-    """Load one precision folder with the named engine (blocking: call it off the event loop)."""
+def load_engine(
+    kind: str,
+    folder: Path,
+    device: str = "CPU",
+    ov_config: dict[str, str] | None = None,
+    batching: BatchingOptions | None = None,
+) -> Engine:
+    """Load one precision folder with the named engine (blocking: call it off the event loop).
+
+    ``batching`` tunes the engines that batch (``takes_batching_options``) and is ignored by the others.
+    """
     if kind == REMOTE_KIND:
         raise EngineError(f"The {kind} engine talks to a server and loads no folder; choose a local engine.")
     engine = engine_class(kind)
     if engine.needs_model_folder and not variants.is_complete(folder):
         raise EngineError(f"Cannot load the model: {variants.describe_missing(folder)}.")
+    if batching is not None and engine.takes_batching_options:
+        return engine(str(folder), device, ov_config, options=batching)  # type: ignore[call-arg]
     return engine(str(folder), device, ov_config)
 
 
@@ -76,6 +87,7 @@ class ModelManager:
         backoff: Backoff | None = None,
         remote: RemoteSettings | None = None,
         remote_models: dict[str, str] | None = None,
+        batching: BatchingOptions | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.kind = kind
@@ -85,6 +97,7 @@ class ModelManager:
         self.remote_models = {variants.normalise_precision(p): name for p, name in (remote_models or {}).items()}
         self.device = device
         self.ov_config = dict(ov_config or {})
+        self.batching = batching
         self.precision: str | None = None
         self._engine: Engine | None = None
         self._in_flight: dict[int, int] = {}
@@ -149,7 +162,7 @@ class ModelManager:
             log.info("Using %s at %s (%s engine)", settings.model, settings.base_url, self.kind)
             return RemoteEngine(settings)
         log.info("Loading %s (%s engine on %s)", folder, self.kind, self.device)
-        return load_engine(self.kind, folder, self.device, self.ov_config)
+        return load_engine(self.kind, folder, self.device, self.ov_config, self.batching)
 
     def _retire(self, engine: Engine) -> None:
         # Called at the switch and again as each of its streams ends; the last one closes it.

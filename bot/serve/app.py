@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from bot.engine import variants
-from bot.engine.base import ContextTooLong, Engine, EngineError, TextStream
+from bot.engine.base import BatchingOptions, ContextTooLong, Engine, EngineError, TextStream
 from bot.engine.manager import load_engine
 from bot.serve.protocol import (
     ApiError,
@@ -238,10 +238,11 @@ async def serve(
     device: str,
     ov_config: dict[str, str],
     api_key: str | None,
+    batching: BatchingOptions | None = None,
 ) -> None:
     """Load the engine, serve until SIGINT or SIGTERM, then close both cleanly."""
     started = time.monotonic()
-    engine = await asyncio.to_thread(load_engine, kind, folder, device, ov_config)
+    engine = await asyncio.to_thread(load_engine, kind, folder, device, ov_config, batching)
     log.info("Loaded %s with the %s engine in %.1f s", folder, kind, time.monotonic() - started)
     server = ModelServer(engine, name, api_key)
     runner = web.AppRunner(server.application(), handler_cancellation=True)

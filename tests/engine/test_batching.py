@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bot.engine.base import EngineError, GenerationSettings, ImageRef, Turn
+from bot.engine.base import BatchingOptions, EngineError, GenerationSettings, ImageRef, Turn
 from bot.engine.batching import BatchingEngine, EmbedInputs, IncrementalText
-from bot.engine.manager import load_engine
+from bot.engine.manager import ModelManager, load_engine
 from bot.engine.template import ChatTemplate
 from tests.conftest import F32, sample_image
 from tests.engine.test_engines import reference_text
@@ -257,3 +257,32 @@ def test_incremental_text_pieces_concatenate_to_the_final_text(tiny_llava: tuple
     assert "".join(pieces) == final
     assert all("\ufffd" not in piece for piece in pieces)
     assert sum(1 for piece in pieces if piece) >= 3
+
+
+async def test_configured_options_reach_the_pipeline(tiny_llava: tuple[Path, Path], engine: BatchingEngine) -> None:
+    """One answer at a time makes the second question wait for the first; tiny prefill chunks still give the
+    same answers; without an image cache a follow-up encodes its image again."""
+    options = BatchingOptions(kv_cache_gb=1, max_batched_tokens=16, image_cache_size=0, concurrency=1)
+    manager = ModelManager(tiny_llava[1], KIND, "CPU", F32, batching=options)  # as the bot builds it
+    await manager.switch("FP16")
+    engine_alone = manager.engine
+    assert isinstance(engine_alone, BatchingEngine)
+    try:
+        assert manager.concurrency == 1  # what the bot's scheduler admits at once
+        first, second = channels()[:2]
+        settings = GenerationSettings(max_new_tokens=8, ignore_eos=True)
+        streams = [engine_alone.generate(c, settings) for c in (first, second)]
+        texts = await asyncio.gather(*(s.text() for s in streams))
+        assert (streams[1].stats.first_token or 0) >= (streams[0].stats.finished or 0), "the second did not wait"
+        assert texts == [(await answer(engine, c, max_new_tokens=8, ignore_eos=True))[0] for c in (first, second)]
+        encoded = engine_alone.images_encoded
+        follow_up = [*first, Turn("assistant", texts[0]), Turn("user", "And what colour is it?")]
+        await answer(engine_alone, follow_up, max_new_tokens=2, ignore_eos=True)
+        assert engine_alone.images_encoded == encoded + 1
+    finally:
+        await manager.close()
+
+
+def test_a_bad_option_is_refused_naming_it(tiny_llava: tuple[Path, Path]) -> None:
+    with pytest.raises(EngineError, match="concurrency must be between 1 and 64, got 0"):
+        BatchingEngine(str(tiny_llava[1] / "INT4"), options=BatchingOptions(concurrency=0))

@@ -44,7 +44,7 @@ def ends() -> Iterator[tuple[ParentEnd, WorkerEnd]]:
 
 def test_every_request_crosses_the_pipe_intact(ends: tuple[ParentEnd, WorkerEnd]) -> None:
     parent, worker = ends
-    options = WorkerOptions("/models/x", "CPU", {"INFERENCE_PRECISION_HINT": "f32"}, 2, 256, 16, 32000)
+    options = WorkerOptions("/models/x", "CPU", {"INFERENCE_PRECISION_HINT": "f32"}, 2, 256, 16, 4, 32000)
     ids = np.arange(12, dtype=np.int64)[None]
     pixels = np.random.default_rng(1).random((1, 3, 8, 8), dtype=np.float32)
     embed = Add(7, EmbedInputs(ids, (("digest", pixels),)), GenerationSettings(max_new_tokens=9, temperature=0.5))

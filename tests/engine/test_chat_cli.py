@@ -54,3 +54,16 @@ def test_chat_cli_answer_to_a_png_equals_the_reference(tiny_llava: tuple[Path, P
     with Image.open(buffer) as recompressed:
         seen = ImageRef.from_image(recompressed)
         assert reference_text(checkpoint, [Turn("user", QUESTION, (seen,))], NEW_TOKENS) != expected
+
+
+def test_a_bad_batching_flag_gets_one_line_naming_it(tiny_llava: tuple[Path, Path]) -> None:
+    folder = str(tiny_llava[1] / "INT4")
+    for command, flag, message in [
+        (["serve", "--model", folder, "--concurrency", "0"], "--concurrency", "must be between 1 and 64"),
+        (["chat", "--model", folder, "--max-batched-tokens", "4", "hi"], "--max-batched-tokens", "at least 16"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "bot", *command], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
+        )
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and flag in done.stderr and message in done.stderr, done.stderr

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bot.engine.base import EngineError, GenerationSettings, ImageRef, TextStream, Turn
+from bot.engine.base import BatchingOptions, EngineError, GenerationSettings, ImageRef, TextStream, Turn
 from bot.engine.batching.detokenize import IncrementalText
 from bot.engine.batching.launch import default_kv_cache_gb, signal_name, start_worker
 from bot.engine.batching.protocol import (
@@ -69,17 +69,16 @@ class _Request:
 class BatchingEngine(TemplateEngine):
     """Continuous batching with prefix caching and an encoded-image cache, in a child process.
 
-    ``kv_cache_gb`` sizes the KV cache (default: enough for ~32k tokens, at most a quarter of the memory);
-    ``max_batched_tokens`` is the most tokens one step computes (prefill chunk size: smaller keeps the other
-    channels' tokens flowing during a new image's prefill, larger prefills faster); ``image_cache_size`` is how
-    many encoded images are kept for follow-ups (LLaVA-1.5).
+    ``options`` sizes the KV cache, the prefill chunks, the image cache and how many answers are decoded
+    together (see :class:`BatchingOptions`).
     """
 
     name = "genai-batching"
     imports_on_load = ("openvino", "openvino_genai")
-    # Four channels answer together: more sequences per step add attention cost faster than they save
-    # passes over the weights on a small CPU (measured: 4 streams give ~2.2x one stream's tokens/s).
-    max_concurrency = 4
+    takes_batching_options = True
+    # Four channels answer together by default: more sequences per step add attention cost faster than they
+    # save passes over the weights on a small CPU (measured: 4 streams give ~2.2x one stream's tokens/s).
+    max_concurrency = BatchingOptions.concurrency
 
     def __init__(
         self,
@@ -87,11 +86,14 @@ class BatchingEngine(TemplateEngine):
         device: str = "CPU",
         ov_config: dict[str, str] | None = None,
         *,
-        kv_cache_gb: int | None = None,
-        max_batched_tokens: int = 256,
-        image_cache_size: int = 16,
+        options: BatchingOptions | None = None,
     ) -> None:
         super().__init__(model_dir, device, ov_config)
+        options = options or BatchingOptions()
+        problem = options.problem()
+        if problem is not None:
+            raise EngineError(f"Batching option {problem[0]} {problem[1]}.")
+        self.max_concurrency = options.concurrency
         self._requests: dict[int, _Request] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -103,7 +105,7 @@ class BatchingEngine(TemplateEngine):
         self.images_encoded = 0
         self.images_reused = 0
         # Pixels of recent images by their SHA-256, so a follow-up skips resizing.
-        self._pixels: LruCache[str, tuple[str, np.ndarray]] = LruCache(image_cache_size)
+        self._pixels: LruCache[str, tuple[str, np.ndarray]] = LruCache(options.image_cache_size)
         # The child imports OpenVINO while this process loads the tokenizer; it waits for its options.
         self._process, self._conn = start_worker()
         try:
@@ -113,15 +115,7 @@ class BatchingEngine(TemplateEngine):
             # Building embeddings here needs LLaVA-1.5's simple layout: one fixed block of features per image.
             embeds_here = self.template.model_type == "llava"
             image_token = self.template.image_token_id if embeds_here else None
-            self.options = WorkerOptions(
-                model_dir=str(model_dir),
-                device=device,
-                ov_config=dict(self.ov_config),
-                kv_cache_gb=kv_cache_gb if kv_cache_gb is not None else default_kv_cache_gb(model_dir),
-                max_batched_tokens=max_batched_tokens,
-                image_cache_size=image_cache_size,
-                image_token_id=image_token,
-            )
+            self.options = self._worker_options(options, image_token)
             self._conn.send(self.options)
             self._await_ready()
         except BaseException:
@@ -132,11 +126,24 @@ class BatchingEngine(TemplateEngine):
         self._sender.start()
         self._reader.start()
         log.info(
-            "Batching engine ready for %s (KV cache %d GB, chunks of %d tokens, %s)",
+            "Batching engine ready for %s (KV cache %d GB, chunks of %d tokens, %d answers at once, %s)",
             model_dir,
             self.options.kv_cache_gb,
-            max_batched_tokens,
+            options.max_batched_tokens,
+            options.concurrency,
             "image cache" if embeds_here else "genai image encoding",
+        )
+
+    def _worker_options(self, options: BatchingOptions, image_token: int | None) -> WorkerOptions:
+        return WorkerOptions(
+            model_dir=str(self.model_dir),
+            device=self.device,
+            ov_config=dict(self.ov_config),
+            kv_cache_gb=options.kv_cache_gb or default_kv_cache_gb(self.model_dir),
+            max_batched_tokens=options.max_batched_tokens,
+            image_cache_size=options.image_cache_size,
+            max_sequences=options.concurrency,
+            image_token_id=image_token,
         )
 
     def _abandon_worker(self) -> None:

@@ -25,6 +25,7 @@ class WorkerOptions:
     kv_cache_gb: int
     max_batched_tokens: int
     image_cache_size: int
+    max_sequences: int  # answers decoded together; more wait in the scheduler's queue
     image_token_id: int | None  # set when the parent builds the input embeddings' ids (LLaVA-1.5)
 
 

@@ -61,6 +61,7 @@ class Worker:
         scheduler.cache_size = options.kv_cache_gb
         scheduler.dynamic_split_fuse = True
         scheduler.max_num_batched_tokens = options.max_batched_tokens
+        scheduler.max_num_seqs = options.max_sequences  # for the pipeline's own bookkeeping; see admit_pending
         self.pipeline: Any = openvino_genai.ContinuousBatchingPipeline(
             options.model_dir, scheduler, options.device, options.ov_config
         )
@@ -149,11 +150,13 @@ class Worker:
         return any(digest not in self.features for digest, _ in inputs.images)
 
     def admit_pending(self) -> None:
-        """Admit the waiting requests, but at most one that needs its images encoded, so the others'
-        tokens keep flowing between encodings. (Waiting for more of a burst to share one step was tried: a
-        step's prefill costs the sum of its prompts, so that only delays the first answers.)"""
+        """Admit the waiting requests up to ``max_sequences`` running, but at most one that needs its images
+        encoded, so the others' tokens keep flowing between encodings. (Waiting for more of a burst to share
+        one step was tried: a step's prefill costs the sum of its prompts, so that only delays the first
+        answers.) The limit is kept here because the pipeline's scheduler applies ``max_num_seqs`` only
+        without dynamic split-fuse."""
         encoded = False
-        while self.pending:
+        while self.pending and len(self.active) < self.options.max_sequences:
             costly = self.needs_encoding(self.pending[0].inputs)
             if costly and encoded:
                 return
