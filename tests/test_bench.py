@@ -343,3 +343,15 @@ def test_bench_options_choose_the_7b_width_model() -> None:
     assert (spec.text_hidden, spec.text_intermediate, spec.text_heads, spec.vocab_size) == (4096, 11008, 32, 32000)
     with pytest.raises(ValueError, match="load-gap"):
         options_from_args(parser.parse_args(["--load-gap", "2"]))
+
+
+def test_the_operation_profile_accounts_for_a_decode_step(tiny_llava: tuple[Path, Path]) -> None:
+    from benchmarks.op_profile import profile
+
+    folder = tiny_llava[1] / "INT4"
+    result = profile(folder, tokens=4, prompt=8, config={})
+    counted = sum(result["ops_ms"].values())
+    # The counters cover the step (the rest is the call's own overhead), and the linear layers are among them.
+    assert 0 < counted <= result["step_ms"] * 1.5
+    assert result["weight_ops_ms"] > 0 and result["weight_kernels"]
+    assert result["weight_bytes"] == (folder / "openvino_language_model.bin").stat().st_size
