@@ -21,7 +21,7 @@ from bot.chat.service import ChatService
 from bot.config import Config
 from bot.engine import variants
 from bot.engine.base import GenerationSettings
-from bot.engine.manager import REMOTE_KIND, ModelManager
+from bot.engine.manager import REMOTE_KIND, ModelManager, needs_model_folder
 from bot.loopwatch import LoopWatch
 from bot.store.db import open_database, session_factory, upgrade
 from bot.store.history import HistoryStore
@@ -239,8 +239,8 @@ def remote_options(config: Config) -> dict[str, Any]:
 
 def ensure_model(config: Config) -> None:
     """Make sure the configured precision exists, converting it first if the operator allowed that."""
-    if config.model.engine == REMOTE_KIND:
-        return  # the model lives on the server; a local folder, if any, only lends its tokenizer
+    if not needs_model_folder(config.model.engine):
+        return  # e.g. the model lives on a server; a local folder, if any, only lends its tokenizer
     model_dir = Path(config.model.dir)
     precision = config.model.precision
     if variants.is_complete(model_dir / precision):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.chat.ratelimit import parse_rate_limit
-from bot.engine.manager import BOT_ENGINE_KINDS, REMOTE_KIND
+from bot.engine.manager import ENGINES, REMOTE_KIND
 from bot.engine.variants import PRECISIONS
 
 DISCORD_TOKEN_ENV = "DISCORD_TOKEN"
@@ -175,8 +175,9 @@ def _validate(config: Config) -> None:
     model.precision = model.precision.upper()
     if model.precision not in PRECISIONS:
         raise ConfigError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {model.precision!r}")
-    if model.engine not in BOT_ENGINE_KINDS:
-        raise ConfigError(f"model.engine must be one of {', '.join(BOT_ENGINE_KINDS)}, got {model.engine!r}")
+    kinds = (*ENGINES, REMOTE_KIND)  # read now: engines registered after import count too
+    if model.engine not in kinds:
+        raise ConfigError(f"model.engine must be one of {', '.join(kinds)}, got {model.engine!r}")
     _validate_remote(model)
     if model.max_new_tokens < 1:
         raise ConfigError("model.max_new_tokens must be at least 1")

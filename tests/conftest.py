@@ -70,6 +70,16 @@ def tiny_llava_next() -> tuple[Path, Path]:
     return converted_model("llava_next", TINY_NEXT)
 
 
+@pytest.fixture
+def scripted_engine(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Registers the scripted engine (tests/support/scripted.py) for this test; returns its name."""
+    from bot.engine.manager import ENGINES
+    from tests.support.scripted import ENTRY, NAME
+
+    monkeypatch.setitem(ENGINES, NAME, ENTRY)
+    return NAME
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL server for the whole test session (see tests/postgres.py)."""

@@ -33,15 +33,26 @@ REMOTE_KIND = "openai"
 BOT_ENGINE_KINDS: tuple[str, ...] = (*ENGINE_KINDS, REMOTE_KIND)
 
 
+def engine_class(kind: str) -> type[Engine]:
+    """The class registered under ``kind`` (importing its module)."""
+    if kind not in ENGINES:
+        raise EngineError(f"Unknown engine {kind!r}; choose one of {', '.join(ENGINES)}.")
+    module_name, class_name = ENGINES[kind].split(":")
+    found: type[Engine] = getattr(importlib.import_module(module_name), class_name)
+    return found
+
+
+def needs_model_folder(kind: str) -> bool:
+    """Whether the named engine loads a converted folder; an engine class says otherwise with
+    ``needs_model_folder = False`` (it then gets the folder's path, which need not exist)."""
+    return kind != REMOTE_KIND and bool(getattr(engine_class(kind), "needs_model_folder", True))
+
+
 def load_engine(kind: str, folder: Path, device: str = "CPU", ov_config: dict[str, str] | None = None) -> Engine:
     """Load one precision folder with the named engine (blocking: call it off the event loop)."""
-    if kind not in ENGINES:
-        raise EngineError(f"Unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}.")
-    if not variants.is_complete(folder):
+    if needs_model_folder(kind) and not variants.is_complete(folder):
         raise EngineError(f"Cannot load the model: {variants.describe_missing(folder)}.")
-    module_name, class_name = ENGINES[kind].split(":")
-    engine_class: type[Engine] = getattr(importlib.import_module(module_name), class_name)
-    return engine_class(str(folder), device, ov_config)
+    return engine_class(kind)(str(folder), device, ov_config)
 
 
 class ModelManager:
@@ -84,6 +95,8 @@ class ModelManager:
         """Complete precision variants under the model folder (remote: the precisions the server maps)."""
         if self.remote is not None:
             return [p for p in variants.PRECISIONS if p in self.remote_models]
+        if not needs_model_folder(self.kind):
+            return list(variants.PRECISIONS)
         return variants.available(self.model_dir)
 
     @property
