@@ -22,6 +22,7 @@ exists).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import re
@@ -195,7 +196,11 @@ class ScriptedEngine(Engine):
         return True
 
     def close(self) -> None:
+        # Called off the event loop; answers still stalled end with the engine, as a freed model's would.
         self.closed = True
+        for task in list(self._tasks):
+            with contextlib.suppress(RuntimeError):  # the loop is closed already
+                task.get_loop().call_soon_threadsafe(task.cancel)
 
     # --- the answer ----------------------------------------------------------------------------
     async def _stall(self) -> None:
