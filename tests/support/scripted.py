@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,8 +109,6 @@ class Request:
     settings: GenerationSettings
     answer: str = ""
     outcome: Outcome = "running"
-    # When the request arrived (monotonic clock), so tests can tell which of two came first.
-    at: float = field(default_factory=time.monotonic)
 
     @property
     def seen(self) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -118,6 +117,7 @@ class Request:
 
     @property
     def question(self) -> str:
+        """The text of the last turn: what was just asked."""
         return self.conversation[-1].text if self.conversation else ""
 
 
@@ -172,7 +172,7 @@ class ScriptedEngine(Engine):
         self.requests.append(request)
         reply = self.replies.popleft() if self.replies else Reply(default_answer(conversation))
         if self.hold_after is not None and reply.stall_after is None:
-            reply = Reply(reply.text, reply.pace, reply.error, self.hold_after, reply.die_after)
+            reply = dataclasses.replace(reply, stall_after=self.hold_after)
         task = loop.create_task(self._stream(stream, request, reply), name="scripted-answer")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
