@@ -45,14 +45,17 @@ def engine_class(kind: str) -> type[Engine]:
 def needs_model_folder(kind: str) -> bool:
     """Whether the named engine loads a converted folder; an engine class says otherwise with
     ``needs_model_folder = False`` (it then gets the folder's path, which need not exist)."""
-    return kind != REMOTE_KIND and bool(getattr(engine_class(kind), "needs_model_folder", True))
+    if kind == REMOTE_KIND or kind not in ENGINES:
+        return kind != REMOTE_KIND  # an unknown engine is refused when it is loaded
+    return bool(getattr(engine_class(kind), "needs_model_folder", True))
 
 
 def load_engine(kind: str, folder: Path, device: str = "CPU", ov_config: dict[str, str] | None = None) -> Engine:
     """Load one precision folder with the named engine (blocking: call it off the event loop)."""
-    if needs_model_folder(kind) and not variants.is_complete(folder):
+    found = engine_class(kind)
+    if getattr(found, "needs_model_folder", True) and not variants.is_complete(folder):
         raise EngineError(f"Cannot load the model: {variants.describe_missing(folder)}.")
-    return engine_class(kind)(str(folder), device, ov_config)
+    return found(str(folder), device, ov_config)
 
 
 class ModelManager:
