@@ -9,7 +9,7 @@ import pytest
 
 from bot.config import ConfigError, parse_config
 from bot.engine.base import EngineError, GenerationSettings, Turn
-from bot.engine.manager import ModelManager
+from bot.engine.manager import ModelManager, load_engine, needs_model_folder
 from bot.engine.supervisor import INTERRUPTED, STALLED, Backoff
 from tests.conftest import sample_image
 from tests.support.scripted import Reply, ScriptedEngine, count_tokens, default_answer, pixels, until
@@ -84,3 +84,13 @@ async def test_stalls_until_released_and_dies_on_cue(scripted_engine: str, tmp_p
     await until(lambda: manager.healthy)
     assert manager.health.restarts == 2
     await manager.close()
+
+
+def test_only_engines_that_say_so_load_without_a_folder(scripted_engine: str, tmp_path: Path) -> None:
+    assert needs_model_folder("genai") and needs_model_folder("genai-batching") and needs_model_folder("optimum")
+    assert not needs_model_folder("openai") and not needs_model_folder(scripted_engine)
+    with pytest.raises(EngineError, match="Cannot load the model"):
+        load_engine("genai", tmp_path / "INT4")
+    with pytest.raises(EngineError, match="Unknown engine 'nope'"):
+        load_engine("nope", tmp_path / "INT4")
+    assert isinstance(load_engine(scripted_engine, tmp_path / "INT4"), ScriptedEngine)
