@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -35,11 +36,21 @@ def _cache_key(spec: object) -> str:
 
 def converted_model(name: str, spec: object) -> tuple[Path, Path]:
     """Build the checkpoint for ``spec`` and convert it with the CLI; cached between runs."""
+    base = CACHE / f"{name}-{_cache_key(spec)}"
+    checkpoint, out = base / "checkpoint", base / "ov"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Test processes running side by side (pytest -n) build the model once: the others wait for it.
+    with (CACHE / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _build(name, spec, base, checkpoint, out)
+    return checkpoint, out
+
+
+def _build(name: str, spec: object, base: Path, checkpoint: Path, out: Path) -> None:
+    """Build the checkpoint and convert it, whatever of that is missing (called under the lock)."""
     from benchmarks.synthetic import build_checkpoint
     from bot.engine import variants
 
-    base = CACHE / f"{name}-{_cache_key(spec)}"
-    checkpoint, out = base / "checkpoint", base / "ov"
     if not (checkpoint / "config.json").exists():
         shutil.rmtree(base, ignore_errors=True)
         for stale in CACHE.glob(f"{name}-*"):
@@ -51,7 +62,6 @@ def converted_model(name: str, spec: object) -> tuple[Path, Path]:
             check=True,
             cwd=ROOT,
         )
-    return checkpoint, out
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +78,16 @@ def tiny_llava_next() -> tuple[Path, Path]:
     from benchmarks.synthetic import TINY_NEXT
 
     return converted_model("llava_next", TINY_NEXT)
+
+
+@pytest.fixture
+def scripted_engine(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Registers the scripted engine (tests/support/scripted.py) for this test; returns its name."""
+    from bot.engine.manager import ENGINES
+    from tests.support.scripted import ENTRY, NAME
+
+    monkeypatch.setitem(ENGINES, NAME, ENTRY)
+    return NAME
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,11 @@ def engine_class(kind: str) -> type[Engine]:
     return found
 
 
+def needs_model_folder(kind: str) -> bool:
+    """Whether the named engine loads a converted folder (an unknown engine is refused when it is loaded)."""
+    return kind not in ENGINES or engine_class(kind).needs_model_folder
+
+
 def load_engine(
     kind: str,
     folder: Path,
@@ -109,6 +114,8 @@ class ModelManager:
         """Complete precision variants under the model folder (remote: the precisions the server maps)."""
         if self.remote is not None:
             return [p for p in variants.PRECISIONS if p in self.remote_models]
+        if not needs_model_folder(self.kind):
+            return list(variants.PRECISIONS)
         return variants.available(self.model_dir)
 
     @property

@@ -67,6 +67,8 @@ def bot_config_tables(emulator: DiscordEmulator, model_dir: Path, data_dir: Path
 class BotProcess:
     """``python -m bot run --config FILE`` with the emulator's token, its output collected for assertions.
 
+    With ``model.engine = "scripted"`` it answers with the scripted engine (tests/support/run.py).
+
     ``config`` is merged table by table over :func:`bot_config_tables`. Entering waits until the bot has
     connected to the gateway and registered its commands; leaving sends SIGINT (then SIGKILL if it hangs).
     """
@@ -88,6 +90,8 @@ class BotProcess:
             tables.setdefault(table, {}).update(values)
         self.config_path = data_dir / "config.toml"
         write_config(self.config_path, tables)
+        # The scripted engine is registered by a wrapper around the same command line.
+        self.module = "tests.support.run" if tables["model"].get("engine") == "scripted" else "bot"
         self.env = {**os.environ, "DISCORD_TOKEN": emulator.token, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.process: asyncio.subprocess.Process | None = None
         self._stderr = bytearray()
@@ -113,7 +117,7 @@ class BotProcess:
     async def launch(self) -> None:
         """Start the process without waiting for it to connect."""
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", "run", "--config", str(self.config_path),
+            sys.executable, "-m", self.module, "run", "--config", str(self.config_path),
             cwd=ROOT, env=self.env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         self._reader = asyncio.create_task(self._collect())

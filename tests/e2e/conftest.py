@@ -45,6 +45,19 @@ async def bot_config(tiny_llava: tuple[Path, Path], tmp_path: Path) -> Config:
     )
 
 
+@pytest_asyncio.fixture
+async def scripted_config(scripted_engine: str, tmp_path: Path) -> Config:
+    """Settings of a bot that answers with the scripted engine (no model) and a fresh SQLite file."""
+    return parse_config(
+        {
+            "discord": {"token": "emulated", "edit_interval": 0.2, "admin_ids": []},
+            # The folder need not exist: the scripted engine reads nothing from it.
+            "model": {"dir": str(tmp_path / "model"), "precision": "INT4", "engine": scripted_engine},
+            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'bot.sqlite3'}"},
+        }
+    )
+
+
 @asynccontextmanager
 async def llava_bot(config: Config, emulator: DiscordEmulator) -> AsyncIterator[LlavaBot]:
     """The real bot on services built from ``config``, connected to the emulator, ready; all closed on exit."""

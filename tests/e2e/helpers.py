@@ -14,7 +14,7 @@ from pathlib import Path
 from bot.chat.images import ImageLimits, load_image
 from bot.chat.streaming import DEFAULT_MARKER
 from bot.config import Config
-from bot.engine.base import Engine, GenerationSettings, ImageRef, TextStream, Turn
+from bot.engine.base import Engine, GenerationSettings, ImageRef, Turn
 from bot.engine.manager import load_engine
 from tests.conftest import sample_image
 from tests.e2e.discord_emulator import JSON, DiscordEmulator, InteractionRecord, MessageRecord
@@ -52,16 +52,7 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
-# --- streams the bot can be given instead of the model's ------------------------------------------
-def scripted_stream(pieces: Sequence[str], error: BaseException | None = None) -> TextStream:
-    """A finished stream yielding ``pieces`` and then ending (with ``error`` if given)."""
-    stream = TextStream(asyncio.get_running_loop())
-    for piece in pieces:
-        stream.push(piece)
-    stream.finish(error)
-    return stream
-
-
+# --- a slow model (for the engine tests; the bot's tests use tests/support/scripted.py) -------------
 class HeldPipeline:
     """Wraps an openvino-genai pipeline to pause generation until :attr:`release` is set: a slow model.
 
@@ -92,21 +83,6 @@ class HeldPipeline:
         if self.after == 0:
             self._pause()
         return self.pipeline.generate(*args, streamer=on_text, **kwargs)  # type: ignore[attr-defined]
-
-
-class FailingPipeline:
-    """Stands in for an openvino-genai pipeline that streams a little and then fails."""
-
-    def __init__(self, pieces: Sequence[str], error: Exception) -> None:
-        self.pieces = pieces
-        self.error = error
-
-    def generate(
-        self, prompt: str, images: object, generation_config: object, streamer: Callable[[str], object]
-    ) -> None:
-        for piece in self.pieces:
-            streamer(piece)
-        raise self.error
 
 
 # --- what the bot said ----------------------------------------------------------------------------

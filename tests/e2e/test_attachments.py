@@ -1,4 +1,7 @@
-"""What the bot looks at: several attachments, a reply to someone's picture, spoilers, the stored upload."""
+"""What the bot looks at: several attachments, a reply to someone's picture, spoilers, the stored upload.
+
+The scripted engine answers (tests/support/scripted.py); the tests check which pixels it was shown.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +15,10 @@ from PIL import Image
 from bot.chat.images import NOT_AN_IMAGE
 from bot.cogs.chat import REPLIED_HIDDEN
 from bot.config import Config
-from bot.engine.base import ImageRef, Turn
 from tests.e2e.conftest import llava_bot
 from tests.e2e.discord_emulator import DiscordEmulator
-from tests.e2e.helpers import ReferenceEngines, jpeg, png, replies_to, text_of, unanswered, wait_answer
+from tests.e2e.helpers import jpeg, png, replies_to, text_of, unanswered, wait_answer
+from tests.support.scripted import Reply, pixels, scripted
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -23,10 +26,10 @@ NOTES = b"Shopping list: apples, bread, milk.\n"
 SPOILER_TAGS = re.compile(r"\|\|([^|]*)\|\|")
 
 
-def as_sent(upload: bytes) -> ImageRef:
-    """The picture in ``upload`` as any viewer decodes it (independent of the bot's own image code)."""
+def as_sent(upload: bytes) -> str:
+    """The pixels of the picture in ``upload`` as any viewer decodes it (independent of the bot's own image code)."""
     with Image.open(io.BytesIO(upload)) as picture:
-        return ImageRef.from_image(picture.convert("RGB"))
+        return pixels(picture.convert("RGB"))
 
 
 def note_of(answer: str) -> str:
@@ -34,11 +37,10 @@ def note_of(answer: str) -> str:
     return lines[-1] if lines and lines[-1].startswith("-# ") else ""
 
 
-async def test_a_text_file_beside_the_image_is_skipped(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
-) -> None:
+async def test_a_text_file_beside_the_image_is_skipped(scripted_config: Config, emulator: DiscordEmulator) -> None:
     photo = png(seed=21)
-    async with llava_bot(bot_config, emulator) as bot:
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         asked = await emulator.user_message(
             emulator.channel_id,
             emulator.user,
@@ -51,8 +53,9 @@ async def test_a_text_file_beside_the_image_is_skipped(
             emulator.channel_id, emulator.user, "And this?", attachments=[("notes.txt", NOTES, "text/plain")]
         )
         refusal = text_of(await wait_answer(emulator, only_text))
-    expected = await reference.answer(bot_config, [Turn("user", "What is in the picture?", (as_sent(photo),))])
-    assert answer == expected + "\n-# I looked only at photo.png; not used: notes.txt."
+    [request] = engine.requests
+    assert request.seen == [("user", "What is in the picture?", (as_sent(photo),))]
+    assert answer == request.answer + "\n-# I looked only at photo.png; not used: notes.txt."
     assert stored == photo, "the upload itself is kept, byte for byte"
     text_ids = {int(a["id"]) for a in asked["attachments"] + only_text["attachments"] if a["filename"] == "notes.txt"}
     assert not text_ids & set(emulator.downloads), "a file Discord says is text was downloaded"
@@ -61,10 +64,11 @@ async def test_a_text_file_beside_the_image_is_skipped(
 
 
 async def test_two_images_answer_about_the_first_and_name_the_second(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
     first, second = png(seed=22), jpeg(seed=23)
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         asked = await emulator.user_message(
             emulator.channel_id,
             emulator.user,
@@ -73,19 +77,20 @@ async def test_two_images_answer_about_the_first_and_name_the_second(
                          ("second.jpg", second, "image/jpeg")],
         )  # fmt: skip
         answer = text_of(await wait_answer(emulator, asked))
-    about_first = await reference.answer(bot_config, [Turn("user", "Describe it.", (as_sent(first),))])
-    about_second = await reference.answer(bot_config, [Turn("user", "Describe it.", (as_sent(second),))])
-    assert about_first != about_second, "the pictures must tell the answers apart"
-    assert answer.startswith(about_first)
+    assert as_sent(first) != as_sent(second), "the pictures must be told apart"
+    [request] = engine.requests
+    assert request.seen == [("user", "Describe it.", (as_sent(first),))]
+    assert answer.startswith(request.answer)
     assert note_of(answer) == "-# I looked only at first.png; not used: broken.png, second.jpg."
 
 
 async def test_a_mention_replying_to_someone_elses_picture_is_about_that_picture(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
-    bot_config.discord.message_content_intent = True
+    scripted_config.discord.message_content_intent = True
     photo = jpeg(seed=24)
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         shared = await emulator.user_message(
             emulator.channel_id,
             emulator.other_user,
@@ -97,13 +102,15 @@ async def test_a_mention_replying_to_someone_elses_picture_is_about_that_picture
         answer = text_of(await wait_answer(emulator, asked))
         assert await unanswered(emulator, shared)
     assert emulator.intents is not None and emulator.intents & (1 << 15), "the bot asked for Message Content"
-    assert answer == await reference.answer(bot_config, [Turn("user", "what is this?", (as_sent(photo),))])
+    [request] = engine.requests
+    assert request.seen == [("user", "what is this?", (as_sent(photo),))]
+    assert answer == request.answer
 
 
 async def test_without_the_intent_a_reply_to_a_hidden_picture_says_so(
-    bot_config: Config, emulator: DiscordEmulator
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator):
         shared = await emulator.user_message(
             emulator.channel_id,
             emulator.other_user,
@@ -118,12 +125,15 @@ async def test_without_the_intent_a_reply_to_a_hidden_picture_says_so(
 
 
 async def test_a_spoilered_image_gets_its_answer_in_spoiler_tags(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
-    # Long enough to stream through several edits and to need several messages.
-    bot_config.model.max_new_tokens = 1500
+    # Long enough to stream through several edits and to need several messages; with pipes, which would end
+    # the spoiler early.
+    scripted_config.model.max_new_tokens = 1500
     photo = png(seed=26)
-    async with llava_bot(bot_config, emulator):
+    pieces = [f"Clue {n}: the butler || the gardener | the cook. " for n in range(90)]
+    async with llava_bot(scripted_config, emulator) as bot:
+        scripted(bot).script(Reply(pieces, pace=0.01))
         asked = await emulator.user_message(
             emulator.channel_id,
             emulator.user,
@@ -131,7 +141,7 @@ async def test_a_spoilered_image_gets_its_answer_in_spoiler_tags(
             attachments=[("SPOILER_ending.png", photo, "image/png")],
         )
         parts = await wait_answer(emulator, asked)
-    expected = await reference.answer(bot_config, [Turn("user", "What is this?", (as_sent(photo),))])
+    expected = "".join(pieces)
     assert len(parts) >= 2, "a long answer continues in more messages"
     shown = [content for part in parts for content in part.history if not content.startswith("⏳")]
     assert len(shown) > len(parts), "the answer streamed by edits"
@@ -144,20 +154,26 @@ async def test_a_spoilered_image_gets_its_answer_in_spoiler_tags(
 
 
 async def test_a_follow_up_after_a_restart_sees_the_same_pixels(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
-    # A JPEG: storing a re-encoded copy would change its pixels, and the follow-up's answer with them.
+    # A JPEG: storing a re-encoded copy would change its pixels.
     photo = jpeg(seed=27, size=(200, 150))
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        before = scripted(bot)
         first = await emulator.user_message(
             emulator.channel_id, emulator.user, "What is this?", attachments=[("p.jpg", photo, "image/jpeg")]
         )
         answer1 = text_of(await wait_answer(emulator, first))
     # A new process has no decoded picture in memory: it reloads the stored bytes.
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        after = scripted(bot)
         second = await emulator.user_message(emulator.channel_id, emulator.user, "What colour is it?")
         answer2 = text_of(await wait_answer(emulator, second))
-    conversation = [Turn("user", "What is this?", (as_sent(photo),))]
-    assert answer1 == await reference.answer(bot_config, conversation)
-    conversation += [Turn("assistant", answer1), Turn("user", "What colour is it?")]
-    assert answer2 == await reference.answer(bot_config, conversation)
+    assert before.requests[0].seen == [("user", "What is this?", (as_sent(photo),))]
+    assert answer1 == before.requests[0].answer
+    assert after.requests[0].seen == [
+        ("user", "What is this?", (as_sent(photo),)),
+        ("assistant", answer1, ()),
+        ("user", "What colour is it?", ()),
+    ]
+    assert answer2 == after.requests[0].answer

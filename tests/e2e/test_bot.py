@@ -1,4 +1,8 @@
-"""The whole bot against the loopback Discord emulator, answering with the tiny model: asking and conversations."""
+"""The whole bot against the loopback Discord emulator: asking and conversations.
+
+The first test answers with the tiny model and compares with the engine alone; the others answer with the
+scripted engine (tests/support/scripted.py) and check what reached Discord and what the model was asked.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +11,21 @@ import pytest
 from bot.cogs.chat import HOW_TO_ASK, REPLY_UNREADABLE
 from bot.config import Config
 from bot.engine.base import Turn
-from bot.engine.genai import GenaiEngine
 from tests.e2e.conftest import llava_bot
 from tests.e2e.discord_emulator import JSON, DiscordEmulator, EmulatedUser, MessageRecord
 from tests.e2e.helpers import (
     MARKER,
-    HeldPipeline,
     ReferenceEngines,
     answer_messages,
     png,
     replies_to,
     reply_content,
-    scripted_stream,
     seen_by_model,
     text_of,
     unanswered,
     wait_answer,
 )
+from tests.support.scripted import Reply, default_answer, pixels, scripted
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -72,30 +74,34 @@ async def test_mention_with_image_streams_the_engine_answer(
 
 
 async def test_follow_up_without_image_uses_the_conversation(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
     image = png(seed=1)
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         first = await emulator.user_message(
             emulator.channel_id, emulator.user, "What is in this picture?", attachments=[("a.png", image, "image/png")]
         )
         answer1 = text_of(await wait_answer(emulator, first))
         second = await emulator.user_message(emulator.channel_id, emulator.user, "And what colour is it?")
         answer2 = text_of(await wait_answer(emulator, second))
-    picture = seen_by_model(image)
-    conversation = [Turn("user", "What is in this picture?", (picture,))]
-    assert answer1 == await reference.answer(bot_config, conversation)
-    conversation += [Turn("assistant", answer1), Turn("user", "And what colour is it?")]
-    assert answer2 == await reference.answer(bot_config, conversation)
-    assert answer2 != await reference.answer(bot_config, [Turn("user", "And what colour is it?")])
+    asked = engine.requests
+    picture = pixels(seen_by_model(image))
+    assert asked[0].seen == [("user", "What is in this picture?", (picture,))]
+    assert answer1 == asked[0].answer == default_answer(asked[0].conversation)
+    assert asked[1].seen == [
+        ("user", "What is in this picture?", (picture,)),
+        ("assistant", answer1, ()),
+        ("user", "And what colour is it?", ()),
+    ]
+    assert answer2 == asked[1].answer
     assert_silent(emulator)
 
 
-async def test_a_reply_to_an_answer_is_a_follow_up(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
-) -> None:
+async def test_a_reply_to_an_answer_is_a_follow_up(scripted_config: Config, emulator: DiscordEmulator) -> None:
     image = png(seed=2)
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         first = await emulator.user_message(
             emulator.channel_id, emulator.user, "Describe it.", attachments=[("a.png", image, "image/png")]
         )
@@ -105,21 +111,23 @@ async def test_a_reply_to_an_answer_is_a_follow_up(
             emulator.channel_id, emulator.other_user, "Is it outdoors?", mention_bot=False, reply_to=answer1[0]
         )
         answer2 = await wait_answer(emulator, follow_up)
-    conversation = [
-        Turn("user", "Describe it.", (seen_by_model(image),)),
-        Turn("assistant", text_of(answer1)),
-        Turn("user", "Is it outdoors?"),
+    asked = engine.requests
+    assert asked[1].seen == [
+        ("user", "Describe it.", (pixels(seen_by_model(image)),)),
+        ("assistant", text_of(answer1), ()),
+        ("user", "Is it outdoors?", ()),
     ]
-    assert text_of(answer2) == await reference.answer(bot_config, conversation)
+    assert text_of(answer2) == asked[1].answer
     assert answer2[0].reference_id == int(follow_up["id"])
     assert_silent(emulator)
 
 
 async def test_only_messages_addressed_to_the_bot_are_answered(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
     image = ("a.png", png(seed=3), "image/png")
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         plain = await emulator.user_message(
             emulator.channel_id, emulator.user, "what is this?", mention_bot=False, attachments=[image]
         )
@@ -150,14 +158,16 @@ async def test_only_messages_addressed_to_the_bot_are_answered(
         control = await emulator.user_message(emulator.channel_id, emulator.user, "what is this?", attachments=[image])
         answered = await wait_answer(emulator, control)
         assert await unanswered(emulator, plain, everyone, here, role, other, to_person)
-    assert text_of(answered) == await reference.answer(
-        bot_config, [Turn("user", "what is this?", (seen_by_model(image[1]),))]
-    )
+    [request] = engine.requests
+    assert request.seen == [("user", "what is this?", (pixels(seen_by_model(image[1])),))]
+    assert text_of(answered) == request.answer
     assert [m.id for m in emulator.bot_messages()] == [m.id for m in answered]
 
 
-async def test_a_reply_the_bot_cannot_read_says_how_to_reply(bot_config: Config, emulator: DiscordEmulator) -> None:
-    async with llava_bot(bot_config, emulator):
+async def test_a_reply_the_bot_cannot_read_says_how_to_reply(
+    scripted_config: Config, emulator: DiscordEmulator
+) -> None:
+    async with llava_bot(scripted_config, emulator):
         first = await emulator.user_message(emulator.channel_id, emulator.user, "Hello!")
         answer = await wait_answer(emulator, first)
         bare = await emulator.user_message(emulator.channel_id, emulator.user)
@@ -172,30 +182,33 @@ async def test_a_reply_the_bot_cannot_read_says_how_to_reply(bot_config: Config,
     assert_silent(emulator)
 
 
-async def test_direct_messages_are_answered(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
-) -> None:
+async def test_direct_messages_are_answered(scripted_config: Config, emulator: DiscordEmulator) -> None:
     image = png(seed=4)
     dm = emulator.dm_channel(emulator.user)
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         first = await emulator.user_message(
             dm, emulator.user, "What do you see?", mention_bot=False, attachments=[("a.png", image, "image/png")]
         )
         answer1 = text_of(await wait_answer(emulator, first))
         second = await emulator.user_message(dm, emulator.user, "Anything else?", mention_bot=False)
         answer2 = await wait_answer(emulator, second)
-    conversation = [Turn("user", "What do you see?", (seen_by_model(image),))]
-    assert answer1 == await reference.answer(bot_config, conversation)
-    conversation += [Turn("assistant", answer1), Turn("user", "Anything else?")]
-    assert text_of(answer2) == await reference.answer(bot_config, conversation)
+    asked = engine.requests
+    assert answer1 == asked[0].answer
+    assert asked[1].seen == [
+        ("user", "What do you see?", (pixels(seen_by_model(image)),)),
+        ("assistant", answer1, ()),
+        ("user", "Anything else?", ()),
+    ]
+    assert text_of(answer2) == asked[1].answer
     assert all(m.channel_id == dm for m in emulator.bot_messages())
     assert_silent(emulator)
 
 
-async def test_direct_messages_are_ignored_when_disabled(bot_config: Config, emulator: DiscordEmulator) -> None:
-    bot_config.discord.answer_dms = False
+async def test_direct_messages_are_ignored_when_disabled(scripted_config: Config, emulator: DiscordEmulator) -> None:
+    scripted_config.discord.answer_dms = False
     dm = emulator.dm_channel(emulator.user)
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator):
         asked = await emulator.user_message(
             dm, emulator.user, "What do you see?", mention_bot=False, attachments=[("a.png", png(), "image/png")]
         )
@@ -207,7 +220,7 @@ async def test_direct_messages_are_ignored_when_disabled(bot_config: Config, emu
     assert emulator.bot_messages(dm) == []
 
 
-async def test_nothing_the_model_writes_pings_anyone(bot_config: Config, emulator: DiscordEmulator) -> None:
+async def test_nothing_the_model_writes_pings_anyone(scripted_config: Config, emulator: DiscordEmulator) -> None:
     pings = [
         "@everyone look: ",
         "@here too, ",
@@ -215,8 +228,9 @@ async def test_nothing_the_model_writes_pings_anyone(bot_config: Config, emulato
         f"<@&{emulator.admin_role_id}> ",
         "the end.",
     ]
-    async with llava_bot(bot_config, emulator) as bot:
-        bot.model_manager.generate = lambda conversation, settings: scripted_stream(pings)  # type: ignore[method-assign]
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
+        engine.script(Reply(pings))
         asked = await emulator.user_message(
             emulator.channel_id, emulator.user, "Say hi to everyone", attachments=[("a.png", png(), "image/png")]
         )
@@ -235,69 +249,62 @@ async def test_nothing_the_model_writes_pings_anyone(bot_config: Config, emulato
     assert_silent(emulator)
 
 
-async def test_history_survives_a_restart(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
-) -> None:
+async def test_history_survives_a_restart(scripted_config: Config, emulator: DiscordEmulator) -> None:
     image = png(seed=5)
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator):
         first = await emulator.user_message(
             emulator.channel_id, emulator.user, "What is this?", attachments=[("a.png", image, "image/png")]
         )
         answer1 = text_of(await wait_answer(emulator, first))
     # A new process: nothing is remembered but what the database holds.
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         second = await emulator.user_message(emulator.channel_id, emulator.user, "Where was it taken?")
         answer2 = await wait_answer(emulator, second)
-    conversation = [
-        Turn("user", "What is this?", (seen_by_model(image),)),
-        Turn("assistant", answer1),
-        Turn("user", "Where was it taken?"),
+    [request] = engine.requests
+    assert request.seen == [
+        ("user", "What is this?", (pixels(seen_by_model(image)),)),
+        ("assistant", answer1, ()),
+        ("user", "Where was it taken?", ()),
     ]
-    assert text_of(answer2) == await reference.answer(bot_config, conversation)
+    assert text_of(answer2) == request.answer
     assert not any(MARKER in m.content for m in answer_messages(emulator, second))
     assert replies_to(emulator, int(first["id"]))[0].content == answer1
 
 
 async def test_a_restart_while_answering_ends_every_reply_with_a_sentence(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
-    bot_config.model.max_new_tokens = 1500
     stopped = "I was stopped before I could finish."
-    async with llava_bot(bot_config, emulator) as bot:
-        engine = bot.model_manager.engine
-        assert isinstance(engine, GenaiEngine)
-        # A slow model: the first answer stays half-written until the others are in line.
-        held = HeldPipeline(engine.pipeline, after=50)
-        engine.pipeline = held
-        try:
-            streaming = await emulator.user_message(emulator.channel_id, emulator.user, "Tell me everything.")
-            await emulator.wait_for(lambda: held.entered.is_set() and MARKER in reply_content(emulator, streaming), 30)
-            waiting = await emulator.user_message(emulator.second_channel_id, emulator.other_user, "Me too.")
-            asked = await emulator.slash_command(
-                "ask", {"question": "And me?"}, user=emulator.admin, channel_id=emulator.thread_id
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
+        # A slow model: the first answer stays half-written until the others are in line, and the bot stops then.
+        engine.script(Reply("Everything there is to know, " * 20, stall_after=50))
+        streaming = await emulator.user_message(emulator.channel_id, emulator.user, "Tell me everything.")
+        await emulator.wait_for(lambda: engine.stalled and MARKER in reply_content(emulator, streaming), 30)
+        waiting = await emulator.user_message(emulator.second_channel_id, emulator.other_user, "Me too.")
+        asked = await emulator.slash_command(
+            "ask", {"question": "And me?"}, user=emulator.admin, channel_id=emulator.thread_id
+        )
+
+        def queued() -> bool:
+            original = emulator.interaction_responses(asked).original
+            return bool(
+                original and "position 2" in original.content and "position 1" in reply_content(emulator, waiting)
             )
 
-            def queued() -> bool:
-                original = emulator.interaction_responses(asked).original
-                return bool(
-                    original and "position 2" in original.content and "position 1" in reply_content(emulator, waiting)
-                )
-
-            await emulator.wait_for(queued, 30)
-        finally:
-            held.release.set()
+        await emulator.wait_for(queued, 30)
     # Shut down mid-answer: no reply is left looking as if it were still being written.
     await emulator.wait_quiet(0.5, 30)
     cut = answer_messages(emulator, streaming)
-    assert text_of(cut).endswith(f"\n\n⚠️ {stopped}")
+    assert text_of(cut) == f"{engine.requests[0].answer}\n\n⚠️ {stopped}"
     assert replies_to(emulator, int(waiting["id"]))[0].content == stopped
     assert emulator.interaction_responses(asked).contents == [stopped]
     assert not any(MARKER in m.content or m.content.startswith("⏳") for m in emulator.bot_messages())
 
     # The next start answers as usual.
-    bot_config.model.max_new_tokens = 24
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         again = await emulator.user_message(emulator.second_channel_id, emulator.other_user, "Hello?")
         answer = await wait_answer(emulator, again)
-    expected = await reference.answer(bot_config, [Turn("user", "Hello?")])
-    assert text_of(answer) == expected
+    assert text_of(answer) == engine.requests[0].answer == default_answer([Turn("user", "Hello?")])

@@ -1,4 +1,5 @@
-"""People and their data, end to end: /forget, retention, the rate limit, allow and deny lists, DMs."""
+"""People and their data, end to end (the scripted engine answers): /forget, retention, the rate limit, allow
+and deny lists, DMs."""
 
 from __future__ import annotations
 
@@ -74,48 +75,50 @@ async def press(emulator: DiscordEmulator, message: MessageRecord, button: str, 
 
 # --- /forget ----------------------------------------------------------------------------------------
 async def test_forget_deletes_a_persons_data_in_every_channel_after_confirming(
-    bot_config: Config, emulator: DiscordEmulator
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
     alice, bob = emulator.user, emulator.other_user
     dm = emulator.dm_channel(alice)
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator):
         mine = await ask(emulator, emulator.channel_id, alice, "What is this?", seed=1)
         theirs = await ask(emulator, emulator.channel_id, bob, "And this?", seed=2)
         in_dm = await ask(emulator, dm, alice, "Describe it.", seed=3)
-        assert turns_of(bot_config, alice) == ["What is this?", "Describe it."] and image_count(bot_config) == 3
+        assert (
+            turns_of(scripted_config, alice) == ["What is this?", "Describe it."] and image_count(scripted_config) == 3
+        )
         prompt = await forget_prompt(emulator, alice, emulator.second_channel_id)
         await press(emulator, prompt, "forget:confirm", alice)
         answers = [r.id for m in (mine, in_dm) for r in replies_to(emulator, int(m["id"]))]
 
         assert prompt.content == "Done: I deleted 2 questions, 2 answers and 2 images."
         assert prompt.data["components"] == []
-        assert turns_of(bot_config, alice) == []
-        assert [role for role, _ in all_turns(bot_config)] == ["user", "assistant"], "bob's question and answer"
-        assert turns_of(bot_config, bob) == ["And this?"]
-        assert image_count(bot_config) == 1
-        assert not any(linked(bot_config, i) for i in [int(mine["id"]), int(in_dm["id"]), *answers])
-        assert linked(bot_config, int(theirs["id"]))
+        assert turns_of(scripted_config, alice) == []
+        assert [role for role, _ in all_turns(scripted_config)] == ["user", "assistant"], "bob's question and answer"
+        assert turns_of(scripted_config, bob) == ["And this?"]
+        assert image_count(scripted_config) == 1
+        assert not any(linked(scripted_config, i) for i in [int(mine["id"]), int(in_dm["id"]), *answers])
+        assert linked(scripted_config, int(theirs["id"]))
         # The channel's conversation goes on without alice's part.
         again = await emulator.user_message(emulator.channel_id, alice, "What colour is it?")
         await wait_answer(emulator, again)
-        assert turns_of(bot_config, alice) == ["What colour is it?"]
+        assert turns_of(scripted_config, alice) == ["What colour is it?"]
 
 
-async def test_cancel_or_no_answer_keeps_everything(bot_config: Config, emulator: DiscordEmulator) -> None:
+async def test_cancel_or_no_answer_keeps_everything(scripted_config: Config, emulator: DiscordEmulator) -> None:
     alice, bob = emulator.user, emulator.other_user
-    async with llava_bot(bot_config, emulator) as bot:
+    async with llava_bot(scripted_config, emulator) as bot:
         await ask(emulator, emulator.channel_id, alice, "What is this?", seed=4)
-        before = all_turns(bot_config)
+        before = all_turns(scripted_config)
         prompt = await forget_prompt(emulator, alice, emulator.channel_id)
 
         stranger = await emulator.component_interaction(prompt, "forget:confirm", user=bob)
         [refused] = await wait_response(emulator, stranger, quiet=0.3)
         assert refused.content == "Only the person who used /forget can answer this."
-        assert all_turns(bot_config) == before
+        assert all_turns(scripted_config) == before
 
         await press(emulator, prompt, "forget:cancel", alice)
         assert prompt.content == "Cancelled: nothing was deleted." and prompt.data["components"] == []
-        assert all_turns(bot_config) == before and image_count(bot_config) == 1
+        assert all_turns(scripted_config) == before and image_count(scripted_config) == 1
 
         bot.get_cog("PrivacyCog").confirm_timeout = 0.5  # type: ignore[union-attr]
         ignored = await emulator.slash_command("forget", user=alice, channel_id=emulator.channel_id)
@@ -125,19 +128,19 @@ async def test_cancel_or_no_answer_keeps_everything(bot_config: Config, emulator
         assert closed.history[0].startswith("This deletes everything I have stored from you")
         assert closed.content == "No answer within 0.5 seconds, so nothing was deleted."
         assert closed.data["components"] == []
-        assert all_turns(bot_config) == before and image_count(bot_config) == 1
+        assert all_turns(scripted_config) == before and image_count(scripted_config) == 1
 
 
-async def test_forget_in_a_dm(bot_config: Config, emulator: DiscordEmulator) -> None:
+async def test_forget_in_a_dm(scripted_config: Config, emulator: DiscordEmulator) -> None:
     alice = emulator.user
     dm = emulator.dm_channel(alice)
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator):
         await ask(emulator, dm, alice, "What is this?", seed=5)
         await ask(emulator, emulator.channel_id, alice, "Tell me a story.")
         prompt = await forget_prompt(emulator, alice, dm)
         await press(emulator, prompt, "forget:confirm", alice)
         assert prompt.content == "Done: I deleted 2 questions, 2 answers and 1 image."
-        assert all_turns(bot_config) == [] and image_count(bot_config) == 0
+        assert all_turns(scripted_config) == [] and image_count(scripted_config) == 0
 
         second = await forget_prompt(emulator, alice, dm)
         await press(emulator, second, "forget:confirm", alice)
@@ -167,30 +170,32 @@ async def stored_long_ago(url: str, channel: int, words: str, image: StoredImage
         await engine.dispose()
 
 
-async def test_retention_deletes_old_turns_and_orphaned_images(bot_config: Config, emulator: DiscordEmulator) -> None:
-    url = bot_config.database.url
+async def test_retention_deletes_old_turns_and_orphaned_images(
+    scripted_config: Config, emulator: DiscordEmulator
+) -> None:
+    url = scripted_config.database.url
     await upgrade(url)
     old, kept = picture(b"old"), picture(b"kept")
     await stored_long_ago(url, emulator.channel_id, "very old", old, days=45)
     await stored_long_ago(url, emulator.second_channel_id, "recent", kept, days=2)
-    bot_config.chat.retention_days = 30
-    async with llava_bot(bot_config, emulator):
-        await emulator.wait_for(lambda: len(all_turns(bot_config)) == 2)
-        assert all_turns(bot_config) == [("user", "recent"), ("assistant", "answer to recent")]
-        assert [r[0] for r in rows(bot_config, "SELECT sha256 FROM images")] == [kept.sha256]
+    scripted_config.chat.retention_days = 30
+    async with llava_bot(scripted_config, emulator):
+        await emulator.wait_for(lambda: len(all_turns(scripted_config)) == 2)
+        assert all_turns(scripted_config) == [("user", "recent"), ("assistant", "answer to recent")]
+        assert [r[0] for r in rows(scripted_config, "SELECT sha256 FROM images")] == [kept.sha256]
         # The channel whose conversation expired starts afresh; new questions are kept.
         asked = await ask(emulator, emulator.channel_id, emulator.user, "What is this?", seed=6)
-        assert ("user", "What is this?") in all_turns(bot_config) and image_count(bot_config) == 2
-        assert linked(bot_config, int(asked["id"]))
+        assert ("user", "What is this?") in all_turns(scripted_config) and image_count(scripted_config) == 2
+        assert linked(scripted_config, int(asked["id"]))
 
 
 # --- rate limit -------------------------------------------------------------------------------------
 async def test_the_question_over_the_rate_limit_is_told_when_and_not_downloaded(
-    bot_config: Config, emulator: DiscordEmulator
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
-    bot_config.chat.rate_limit = "2/10m"
+    scripted_config.chat.rate_limit = "2/10m"
     alice, bob = emulator.user, emulator.other_user
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator):
         started = time.time()
         for seed in (7, 8):
             await ask(emulator, emulator.channel_id, alice, "What is this?", seed=seed)
@@ -214,16 +219,16 @@ async def test_the_question_over_the_rate_limit_is_told_when_and_not_downloaded(
     assert ephemeral.content == reply[0].content and emulator.interaction_responses(interaction).ephemeral
     assert int(over["attachments"][0]["id"]) not in emulator.downloads
     assert len(emulator.downloads) == 3, "alice's two questions and bob's were downloaded"
-    assert turns_of(bot_config, alice) == ["What is this?", "What is this?"]
-    assert turns_of(bot_config, bob) == ["What is this?"]
+    assert turns_of(scripted_config, alice) == ["What is this?", "What is this?"]
+    assert turns_of(scripted_config, bob) == ["What is this?"]
 
 
 # --- who may ask --------------------------------------------------------------------------------------
-async def test_allow_and_deny_lists(bot_config: Config, emulator: DiscordEmulator) -> None:
+async def test_allow_and_deny_lists(scripted_config: Config, emulator: DiscordEmulator) -> None:
     alice, bob = emulator.user, emulator.other_user
-    bot_config.discord.allowed_channel_ids = [emulator.channel_id]
-    bot_config.discord.denied_user_ids = [bob.id]
-    async with llava_bot(bot_config, emulator):
+    scripted_config.discord.allowed_channel_ids = [emulator.channel_id]
+    scripted_config.discord.denied_user_ids = [bob.id]
+    async with llava_bot(scripted_config, emulator):
         in_thread = await ask(emulator, emulator.thread_id, alice, "What is this?", seed=11)
         in_channel = await ask(emulator, emulator.channel_id, alice, "Tell me a story.")
         elsewhere = await emulator.user_message(emulator.second_channel_id, alice, "Hello?")
@@ -239,23 +244,23 @@ async def test_allow_and_deny_lists(bot_config: Config, emulator: DiscordEmulato
     assert refused.content == ("I don't take questions here: the people who run me chose where and from whom I answer.")
     assert emulator.interaction_responses(interaction).ephemeral
     assert int(denied["attachments"][0]["id"]) not in emulator.downloads
-    assert turns_of(bot_config, bob) == []
+    assert turns_of(scripted_config, bob) == []
 
 
-async def test_an_allowed_role(bot_config: Config, emulator: DiscordEmulator) -> None:
-    bot_config.discord.allowed_role_ids = [emulator.admin_role_id]
-    async with llava_bot(bot_config, emulator):
+async def test_an_allowed_role(scripted_config: Config, emulator: DiscordEmulator) -> None:
+    scripted_config.discord.allowed_role_ids = [emulator.admin_role_id]
+    async with llava_bot(scripted_config, emulator):
         admitted = await ask(emulator, emulator.channel_id, emulator.admin, "Tell me a story.")
         outsider = await emulator.user_message(emulator.channel_id, emulator.user, "Tell me a story.")
         assert await unanswered(emulator, outsider)
     assert text_of(replies_to(emulator, int(admitted["id"])))
 
 
-async def test_ask_in_a_dm_follows_answer_dms(bot_config: Config, emulator: DiscordEmulator) -> None:
-    bot_config.discord.answer_dms = False
+async def test_ask_in_a_dm_follows_answer_dms(scripted_config: Config, emulator: DiscordEmulator) -> None:
+    scripted_config.discord.answer_dms = False
     alice = emulator.user
     dm = emulator.dm_channel(alice)
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator):
         interaction = await emulator.slash_command("ask", {"question": "Hello?"}, user=alice, channel_id=dm)
         [refused] = await wait_response(emulator, interaction, quiet=0.3)
         mention = await emulator.user_message(dm, alice, "Hello?")
@@ -266,4 +271,4 @@ async def test_ask_in_a_dm_follows_answer_dms(bot_config: Config, emulator: Disc
     assert refused.content == "I don't answer direct messages; please ask me in a server."
     assert responses.ephemeral and not responses.deferred
     assert text_of(answered) and emulator.interaction_responses(in_server).deferred
-    assert all_turns(bot_config)[0] == ("user", "Hello?") and len(all_turns(bot_config)) == 2
+    assert all_turns(scripted_config)[0] == ("user", "Hello?") and len(all_turns(scripted_config)) == 2

@@ -3,6 +3,8 @@
 The rules that bind one process bind both: a person's second question is refused while their first runs
 in the other process, and /forget run in one process keeps the other's answer in progress out of the
 history. The bot's essential path (a picture, a follow-up from history, /reset) runs on PostgreSQL too.
+The scripted engine answers (tests/support/scripted.py): an answer pauses after a few words while the
+test's release file is missing, so the test acts while it is certainly still being written.
 """
 
 from __future__ import annotations
@@ -17,18 +19,20 @@ import pytest_asyncio
 
 from bot.chat.scheduler import ALREADY_ASKING
 from bot.chat.service import THINKING
+from bot.engine.base import Turn
 from bot.store.db import open_database, session_factory
 from bot.store.history import HistoryStore, StoredTurn
 from tests.e2e.bot_process import BotProcess
 from tests.e2e.discord_emulator import DiscordEmulator, shard_of
-from tests.e2e.helpers import answer_messages, png, text_of, wait_answer, wait_response
+from tests.e2e.helpers import answer_messages, png, seen_by_model, text_of, wait_answer, wait_response
 from tests.e2e.test_people import forget_prompt, press
 from tests.postgres import PostgresServer
+from tests.support.scripted import default_answer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-# Long enough that an answer is still being written while the test acts in the other process.
-LONG = 1500
+# Answers pause after this many words until the release file exists.
+HOLD_AFTER = 3
 
 
 @dataclass
@@ -38,6 +42,8 @@ class Pair:
     processes: list[BotProcess]
     # The "general" channel of a guild that each shard owns.
     channels: dict[int, int]
+    # While this file is missing, answers pause after HOLD_AFTER words.
+    release: Path
 
 
 async def turns_in(database_url: str, channel_id: int) -> list[StoredTurn]:
@@ -50,10 +56,10 @@ async def turns_in(database_url: str, channel_id: int) -> list[StoredTurn]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def pair(
-    tiny_llava: tuple[Path, Path], postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Pair]:
+async def pair(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pair]:
     tmp = tmp_path_factory.mktemp("postgres-bots")
+    release = tmp / "release"
+    release.touch()
     database_url = await postgres.new_database()
     async with DiscordEmulator() as emulator:
         people = [emulator.user, emulator.other_user, emulator.admin]
@@ -64,17 +70,18 @@ async def pair(
             )
             assert shard_of(guild.id, 2) == shard
             channels[shard] = guild.system_channel_id
-        config: dict[str, dict[str, Any]] = {"model": {"engine": "genai", "max_new_tokens": LONG}}
+        scripted = {"hold_after": str(HOLD_AFTER), "release_file": str(release)}
+        config: dict[str, dict[str, Any]] = {"model": {"engine": "scripted", "ov_config": scripted}}
         processes = []
         for shard in (0, 1):
             tables = {**config, "discord": {"shard_count": 2, "shard_ids": [shard]}, "database": {"url": database_url}}
-            processes.append(BotProcess(emulator, tiny_llava[1], tmp / f"shard{shard}", tables))
+            processes.append(BotProcess(emulator, tmp / "no-model", tmp / f"shard{shard}", tables))
         try:
             # One after the other: the first start migrates the shared database.
             for process in processes:
                 await process.start()
             await emulator.wait_for(lambda: emulator.connected_shards == {(0, 2), (1, 2)}, 60)
-            yield Pair(emulator, database_url, processes, channels)
+            yield Pair(emulator, database_url, processes, channels, release)
         finally:
             codes = [await p.stop() for p in processes]
             for process in processes:
@@ -99,10 +106,12 @@ async def test_the_essential_path_on_postgresql(pair: Pair) -> None:
     first = await emulator.user_message(
         channel, bob, "What is in this picture?", attachments=[("a.png", png(seed=3), "image/png")]
     )
-    assert text_of(await wait_answer(emulator, first, within=180)).strip()
-    # No picture this time: the answer has to come from the stored conversation.
+    picture = [Turn("user", "What is in this picture?", (seen_by_model(png(seed=3)),))]
+    assert text_of(await wait_answer(emulator, first, within=180)) == default_answer(picture)
+    # No picture this time: the answer has to come from the stored conversation (the picture included).
     follow_up = await emulator.user_message(channel, bob, "And what colour is it?")
-    assert text_of(await wait_answer(emulator, follow_up, within=180)).strip()
+    conversation = [*picture, Turn("assistant", "..."), Turn("user", "And what colour is it?")]
+    assert text_of(await wait_answer(emulator, follow_up, within=180)) == default_answer(conversation)
     stored = await turns_in(pair.database_url, channel)
     assert [(t.role, t.text) for t in stored][::2] == [
         ("user", "What is in this picture?"),
@@ -120,6 +129,7 @@ async def test_the_essential_path_on_postgresql(pair: Pair) -> None:
 
 async def test_one_question_per_person_and_forget_hold_across_processes(pair: Pair) -> None:
     emulator, alice = pair.emulator, pair.emulator.user
+    pair.release.unlink()  # the first answer stays half-written until the test has acted
     first = await emulator.user_message(
         pair.channels[0], alice, "Tell me everything about it.", attachments=[("b.png", png(seed=4), "image/png")]
     )
@@ -135,6 +145,7 @@ async def test_one_question_per_person_and_forget_hold_across_processes(pair: Pa
     prompt = await forget_prompt(emulator, alice, pair.channels[1])
     await press(emulator, prompt, "forget:confirm", alice)
     assert prompt.content.startswith("Done:"), prompt.content
+    pair.release.touch()
     finished = text_of(await wait_answer(emulator, first, within=180))
     assert finished.strip() and finished != ALREADY_ASKING
     assert await turns_in(pair.database_url, pair.channels[0]) == [], "the answer came back after /forget"

@@ -1,4 +1,8 @@
-"""The bot under pressure: a busy queue, bad uploads, a failing model, rate limits and an old database."""
+"""The bot under pressure: a busy queue, bad uploads, a failing model, rate limits and an old database.
+
+The scripted engine (tests/support/scripted.py) answers; the tests check what reached Discord and what the model
+was asked.
+"""
 
 from __future__ import annotations
 
@@ -12,40 +16,35 @@ from sqlalchemy import text
 
 from bot.chat.images import ImageLimits, load_image
 from bot.config import Config
-from bot.engine.base import Turn
-from bot.engine.genai import GenaiEngine
+from bot.engine.base import EngineError
 from bot.store.db import current_revision, head_revision, open_database, upgrade
 from tests.e2e.conftest import llava_bot
 from tests.e2e.discord_emulator import JSON, DiscordEmulator
 from tests.e2e.helpers import (
     MARKER,
     WAITING,
-    FailingPipeline,
-    HeldPipeline,
-    ReferenceEngines,
     answer_messages,
     jpeg,
     png,
     png_header_only,
     replies_to,
     reply_content,
-    scripted_stream,
     seen_by_model,
     text_of,
     wait_answer,
     wait_response,
 )
+from tests.support.scripted import Reply, pixels, scripted
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 # --- the queue -------------------------------------------------------------------------------------
 async def test_a_busy_bot_queues_refuses_politely_and_answers_everyone(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
-    # Long answers, so that each one takes a while once it runs; each asker uses their own channel.
-    bot_config.model.max_new_tokens = 1500
-    bot_config.chat.max_queue = 2
+    # Each asker uses their own channel.
+    scripted_config.chat.max_queue = 2
 
     async def ask(channel_id: int, who: str, question: str) -> JSON:
         user = {"alice": emulator.user, "bob": emulator.other_user, "admin": emulator.admin, "owner": emulator.owner}
@@ -54,26 +53,22 @@ async def test_a_busy_bot_queues_refuses_politely_and_answers_everyone(
         await emulator.wait_for(lambda: replies_to(emulator, int(asked["id"])), 30)
         return asked
 
-    async with llava_bot(bot_config, emulator) as bot:
-        engine = bot.model_manager.engine
-        assert isinstance(engine, GenaiEngine)
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         # A slow model: the first answer stays half-written until everyone else has asked.
-        held = HeldPipeline(engine.pipeline, after=50)
-        engine.pipeline = held
-        try:
-            first = await ask(emulator.channel_id, "alice", "Tell me about cats.")
-            await emulator.wait_for(lambda: held.entered.is_set() and MARKER in reply_content(emulator, first), 30)
-            second = await ask(emulator.second_channel_id, "bob", "Tell me about dogs.")
-            await emulator.wait_for(lambda: "position 1" in reply_content(emulator, second), 30)
-            third = await ask(emulator.thread_id, "admin", "Tell me about birds.")
-            # The replies waiting in line show their places (and so are in line) before anyone else asks.
-            await emulator.wait_for(lambda: "position 2" in reply_content(emulator, third), 30)
-            too_many = await ask(emulator.dm_channel(emulator.owner), "owner", "Tell me about fish.")
-            again = await ask(emulator.dm_channel(emulator.user), "alice", "And about lions?")
-            status = await emulator.slash_command("status", user=emulator.owner)
-            status_text = (await wait_response(emulator, status, quiet=0.1))[0].content
-        finally:
-            held.release.set()
+        engine.script(Reply("Cats purr and sleep a lot. " * 40, stall_after=50), "Dogs bark.", "Birds sing.")
+        first = await ask(emulator.channel_id, "alice", "Tell me about cats.")
+        await emulator.wait_for(lambda: engine.stalled and MARKER in reply_content(emulator, first), 30)
+        second = await ask(emulator.second_channel_id, "bob", "Tell me about dogs.")
+        await emulator.wait_for(lambda: "position 1" in reply_content(emulator, second), 30)
+        third = await ask(emulator.thread_id, "admin", "Tell me about birds.")
+        # The replies waiting in line show their places (and so are in line) before anyone else asks.
+        await emulator.wait_for(lambda: "position 2" in reply_content(emulator, third), 30)
+        too_many = await ask(emulator.dm_channel(emulator.owner), "owner", "Tell me about fish.")
+        again = await ask(emulator.dm_channel(emulator.user), "alice", "And about lions?")
+        status = await emulator.slash_command("status", user=emulator.owner)
+        status_text = (await wait_response(emulator, status, quiet=0.1))[0].content
+        engine.release()
         answers = [await wait_answer(emulator, asked) for asked in (first, second, third)]
         refusals = [await wait_answer(emulator, asked) for asked in (too_many, again)]
 
@@ -95,10 +90,14 @@ async def test_a_busy_bot_queues_refuses_politely_and_answers_everyone(
         assert all(content.startswith(WAITING) for content in history[:first_text])
         assert all(not content.startswith(WAITING) for content in history[first_text:])
     assert not any(content.startswith("⏳ Waiting") for content in answers[0][0].history), "the first one never waited"
-    # Everyone who got in line gets their own, complete answer.
-    for asked, answer in zip((first, second, third), answers, strict=True):
-        expected = await reference.answer(bot_config, [Turn("user", asked["content"].split(" ", 1)[1])])
-        assert text_of(answer) == expected
+    # Everyone who got in line gets their own, complete answer; the refused questions never reached the model.
+    assert [r.question for r in engine.requests] == [
+        "Tell me about cats.",
+        "Tell me about dogs.",
+        "Tell me about birds.",
+    ]
+    assert [text_of(answer) for answer in answers] == [r.answer for r in engine.requests]
+    assert [r.outcome for r in engine.requests] == ["finished"] * 3
     assert emulator.writes_that_may_ping() == []
 
 
@@ -111,10 +110,8 @@ def noise_png(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-async def test_bad_uploads_get_one_clear_sentence(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
-) -> None:
-    bot_config.chat.max_image_bytes = 1024 * 1024
+async def test_bad_uploads_get_one_clear_sentence(scripted_config: Config, emulator: DiscordEmulator) -> None:
+    scripted_config.chat.max_image_bytes = 1024 * 1024
     photo = jpeg(seed=3)
     oversized = noise_png((700, 700))
     assert 1024 * 1024 < len(oversized) < 1.5 * 1024 * 1024
@@ -125,7 +122,8 @@ async def test_bad_uploads_get_one_clear_sentence(
         "bomb.png": (png_header_only(20_000, 20_000), "That image has too many pixels (the limit is 40 megapixels)."),
     }
     sentences: dict[str, str] = {}
-    async with llava_bot(bot_config, emulator):
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         for name, (data, _) in uploads.items():
             asked = await emulator.user_message(
                 emulator.channel_id, emulator.user, "What is this?", attachments=[(name, data, "image/png")]
@@ -149,60 +147,57 @@ async def test_bad_uploads_get_one_clear_sentence(
         assert len(sentences[name]) < 100 and "\n" not in sentences[name], "one short sentence"
     assert ask_sentence == sentences["notes.png"]
     # None of the refused uploads became part of the conversation.
-    assert text_of(answer) == await reference.answer(
-        bot_config, [Turn("user", "What is this?", (seen_by_model(photo),))]
-    )
+    [request] = engine.requests
+    assert request.seen == [("user", "What is this?", (pixels(seen_by_model(photo)),))]
+    assert text_of(answer) == request.answer
     assert emulator.writes_that_may_ping() == []
 
 
 # --- a failing model -------------------------------------------------------------------------------
 async def test_a_model_failure_mid_answer_is_explained_and_the_bot_carries_on(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
     image = png(seed=9)
-    async with llava_bot(bot_config, emulator) as bot:
-        engine = bot.model_manager.engine
-        assert isinstance(engine, GenaiEngine)
-        pipeline = engine.pipeline
-        engine.pipeline = FailingPipeline(["It is ", "a picture of "], RuntimeError("device lost"))
+    sentence = "The model failed while answering (RuntimeError)."  # as the engines word a failure
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
+        engine.script(
+            Reply(["It is ", "a picture of "], error=EngineError(sentence)),
+            Reply(["Half an ", "answer"], error=ValueError("unexpected")),
+        )
         asked = await emulator.user_message(
             emulator.channel_id, emulator.user, "What is this?", attachments=[("a.png", image, "image/png")]
         )
         failed = await wait_answer(emulator, asked)
-        engine.pipeline = pipeline
-
-        generate = bot.model_manager.generate
-        bot.model_manager.generate = lambda conversation, settings: scripted_stream(  # type: ignore[method-assign]
-            ["Half an ", "answer"], ValueError("unexpected")
-        )
         asked = await emulator.user_message(emulator.thread_id, emulator.user, "Still there?")
         broken = await wait_answer(emulator, asked)
-        bot.model_manager.generate = generate  # type: ignore[method-assign]
-
         asked = await emulator.user_message(
             emulator.second_channel_id, emulator.user, "What is this?", attachments=[("a.png", image, "image/png")]
         )
         answer = await wait_answer(emulator, asked)
-    assert text_of(failed) == "It is a picture of \n\n⚠️ The model failed while answering (RuntimeError)."
+    assert text_of(failed) == f"It is a picture of \n\n⚠️ {sentence}"
     unexpected = "Something went wrong on my side while answering; the details were logged."
     assert text_of(broken) == f"Half an answer\n\n⚠️ {unexpected}"
-    expected = await reference.answer(bot_config, [Turn("user", "What is this?", (seen_by_model(image),))])
-    assert text_of(answer) == expected
+    assert engine.requests[2].seen == [("user", "What is this?", (pixels(seen_by_model(image)),))]
+    assert text_of(answer) == engine.requests[2].answer
 
 
 # --- rate limits -----------------------------------------------------------------------------------
 async def test_rate_limited_edits_still_end_with_the_complete_answer(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
-    bot_config.model.max_new_tokens = 1500
+    scripted_config.model.max_new_tokens = 1500
     image = png(seed=10)
     emulator.rate_limit_edits(limit=2, per_seconds=1.0)
-    async with llava_bot(bot_config, emulator):
+    # Long enough for several messages, streamed over a few seconds so that edits pile up.
+    pieces = [f"Part {n} of a long description of the picture. " for n in range(160)]
+    expected = "".join(pieces)
+    async with llava_bot(scripted_config, emulator) as bot:
+        scripted(bot).script(Reply(pieces, pace=0.01))
         asked = await emulator.user_message(
             emulator.channel_id, emulator.user, "Describe it.", attachments=[("a.png", image, "image/png")]
         )
         parts = await wait_answer(emulator, asked, quiet=1.5)
-    expected = await reference.answer(bot_config, [Turn("user", "Describe it.", (seen_by_model(image),))])
     assert [r for r in emulator.requests_to("PATCH") if r.status == 429], "the edits were never rate limited"
     assert len(parts) >= 3 and text_of(parts) == expected
     for part in parts:
@@ -215,18 +210,18 @@ async def test_rate_limited_edits_still_end_with_the_complete_answer(
 
 # --- an older database -----------------------------------------------------------------------------
 async def test_a_database_at_the_previous_revision_is_upgraded_and_its_history_used(
-    bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
+    scripted_config: Config, emulator: DiscordEmulator
 ) -> None:
-    url = bot_config.database.url
+    url = scripted_config.database.url
     await upgrade(url, "0001")
     picture = load_image(png(seed=11), ImageLimits())
     # The answer the previous version of the bot gave, still in the channel.
     old_answer = await emulator._create_bot_message(
         emulator.channel_id, {"content": "A yellow square and a red circle."}, {}, source="channel"
     )
-    engine = open_database(url)
+    database = open_database(url)
     try:
-        async with engine.begin() as connection:
+        async with database.begin() as connection:
             await connection.execute(
                 text("INSERT INTO images (sha256, data, mime, width, height) VALUES (:sha, :data, :mime, :w, :h)"),
                 {
@@ -265,9 +260,10 @@ async def test_a_database_at_the_previous_revision_is_upgraded_and_its_history_u
                 ],
             )
     finally:
-        await engine.dispose()
+        await database.dispose()
 
-    async with llava_bot(bot_config, emulator) as bot:
+    async with llava_bot(scripted_config, emulator) as bot:
+        engine = scripted(bot)
         assert await current_revision(url) == head_revision()
         # The person replies to the old answer, which the bot still recognises as its own conversation.
         asked = await emulator.user_message(
@@ -277,11 +273,12 @@ async def test_a_database_at_the_previous_revision_is_upgraded_and_its_history_u
         assert await bot.store.find_turn_by_message(old_answer.id) is not None
         reset = await emulator.slash_command("reset", user=emulator.user)
         reset_text = text_of(await wait_response(emulator, reset, quiet=0.3))
-    conversation = [
-        Turn("user", "What is in it?", (picture,)),
-        Turn("assistant", old_answer.content),
-        Turn("user", "Which one is bigger?"),
+    [request] = engine.requests
+    assert request.seen == [
+        ("user", "What is in it?", (pixels(picture.image),)),
+        ("assistant", old_answer.content, ()),
+        ("user", "Which one is bigger?", ()),
     ]
-    assert text_of(answer) == await reference.answer(bot_config, conversation)
+    assert text_of(answer) == request.answer
     assert not any(MARKER in m.content for m in answer_messages(emulator, asked))
     assert reset_text == "Done: I forgot this channel's conversation (4 messages)."

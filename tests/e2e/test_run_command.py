@@ -1,4 +1,7 @@
-"""`llava-bot run` as an operator starts it: a config file pointing at a REST/gateway URL, the token in the env."""
+"""`llava-bot run` as an operator starts it: a config file pointing at a REST/gateway URL, the token in the env.
+
+It answers a mention with the default engine and never imports PyTorch or transformers (one process checks
+both: each start costs seconds)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 from tests.e2e.discord_emulator import DiscordEmulator
 from tests.e2e.helpers import png
+from tests.engine.test_serving_imports import heavy_imports, imported
 
 
 def write_config(tmp_path: Path, emulator: DiscordEmulator, model_dir: Path) -> Path:
@@ -36,15 +40,19 @@ url = "sqlite+aiosqlite:///{tmp_path / "data" / "bot.sqlite3"}"
     return config
 
 
-async def test_run_command_answers_and_stops_cleanly(
+async def test_run_command_answers_without_pytorch_and_stops_cleanly(
     tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
 ) -> None:
     config = write_config(tmp_path, emulator, tiny_llava[1])
-    env = {**os.environ, "DISCORD_TOKEN": emulator.token, "HF_HUB_OFFLINE": "1"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "run", "--config", str(config),
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    # The import profile is inherited by the batching engine's process as well.
+    env = {**os.environ, "DISCORD_TOKEN": emulator.token, "HF_HUB_OFFLINE": "1", "PYTHONPROFILEIMPORTTIME": "1"}
+    # To a file: the import profile would fill a pipe nobody reads until the end.
+    stderr = tmp_path / "stderr.log"
+    with stderr.open("wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "run", "--config", str(config),
+            cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
     try:
         await emulator.wait_for(lambda: emulator.connected, 120)
         await emulator.wait_for(lambda: emulator.commands.get(None), 30)
@@ -59,12 +67,15 @@ async def test_run_command_answers_and_stops_cleanly(
         assert {c["name"] for c in emulator.commands[None]} == {"ask", "reset", "precision", "status", "forget"}
     finally:
         process.send_signal(signal.SIGINT)
-        _, stderr = await asyncio.wait_for(process.communicate(), 60)
-    log = stderr.decode()
+        await asyncio.wait_for(process.wait(), 60)
+    log = stderr.read_text(errors="replace")
     assert process.returncode == 0, log
     assert "Traceback" not in log
     assert emulator.token not in log, "the token must never be logged"
     assert (tmp_path / "data" / "bot.sqlite3").exists()
+    names = imported(log)
+    assert names.count("bot.engine.template") == 2, "the profile should cover the bot and its engine process"
+    assert heavy_imports(log) == []
 
 
 async def test_a_refused_token_stops_the_bot_before_the_model_loads(
