@@ -70,7 +70,9 @@ class Loader:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, kind: str, folder: Path, device: str = "CPU", ov_config: object = None) -> Engine:
+    def __call__(
+        self, kind: str, folder: Path, device: str = "CPU", ov_config: object = None, batching: object = None
+    ) -> Engine:
         if self.failures:
             self.failures -= 1
             raise EngineError("Cannot load the model: openvino_language_model.bin is missing.")
