@@ -29,6 +29,7 @@ import numpy as np
 from benchmarks.workload import FIRST_QUESTION, make_image, timed_generation
 from bot.engine.base import Engine, GenerationSettings, ImageRef, Turn
 from bot.engine.manager import load_engine
+from bot.engine.ov_config import BadPair, parse_pairs
 
 _QUESTIONS = (
     FIRST_QUESTION,
@@ -36,10 +37,6 @@ _QUESTIONS = (
     "Which colours are there?",
     "Is this a photo or a drawing?",
 )
-
-
-def _pairs(items: Sequence[str]) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in items)
 
 
 def _tree(pid: int) -> list[int]:
@@ -122,7 +119,7 @@ async def _close(engines: dict[str, Engine]) -> None:
 async def speed(args: argparse.Namespace) -> dict[str, Any]:
     """Alternated runs of both arms. With ``--reload`` each round loads both engines afresh, in that round's
     order: in one process the engine loaded second was seen to run ~8% faster with the same settings."""
-    arms = {"A": _pairs(args.a), "B": _pairs(args.b)}
+    arms = {"A": args.a, "B": args.b}
     runs: list[dict[str, Any]] = []
     orders = [("A", "B") if round_ % 2 == 0 else ("B", "A") for round_ in range(args.rounds)]
     if args.reload:
@@ -178,7 +175,7 @@ async def _answers(engine: Engine, count: int, new_tokens: int) -> list[list[int
 
 
 async def answers(args: argparse.Namespace) -> dict[str, Any]:
-    arms = {"A": _pairs(args.a), "B": _pairs(args.b)}
+    arms = {"A": args.a, "B": args.b}
     got: dict[str, list[list[int]]] = {}
     for name, config in [*arms.items(), ("reference", {"INFERENCE_PRECISION_HINT": "f32"})]:
         folder = Path(args.reference if name == "reference" else args.folder)
@@ -242,8 +239,8 @@ def logits(args: argparse.Namespace) -> dict[str, Any]:
     )
     ids = np.random.default_rng(0).integers(3, vocab, args.prefill + args.new_tokens).astype(np.int64)
     got = {
-        "A": _teacher_forced_logits(Path(args.folder), _pairs(args.a), ids, args.prefill),
-        "B": _teacher_forced_logits(Path(args.folder), _pairs(args.b), ids, args.prefill),
+        "A": _teacher_forced_logits(Path(args.folder), args.a, ids, args.prefill),
+        "B": _teacher_forced_logits(Path(args.folder), args.b, ids, args.prefill),
         "reference": _teacher_forced_logits(
             Path(args.reference), {"INFERENCE_PRECISION_HINT": "f32"}, ids, args.prefill
         ),
@@ -263,7 +260,7 @@ def logits(args: argparse.Namespace) -> dict[str, Any]:
     spread = float(got["reference"].std())
     return {
         "folder": args.folder,
-        "arms": {"A": _pairs(args.a), "B": _pairs(args.b)},
+        "arms": {"A": args.a, "B": args.b},
         "reference_logit_std": spread,
         "A vs B": compare("A", "B"),
         "A vs reference": compare("A", "reference"),
@@ -286,6 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=8, help="answers: how many questions")
     parser.add_argument("--prefill", type=int, default=32, help="logits: tokens given at once before decoding")
     args = parser.parse_args(argv)
+    try:
+        # From here on each arm is its properties as a dict.
+        args.a, args.b = parse_pairs(args.a), parse_pairs(args.b)
+    except BadPair as error:
+        parser.error(str(error))
+    if args.mode != "speed" and not args.reference:
+        parser.error(f"{args.mode} compares with the FP16 folder: give --reference")
     if args.mode == "logits":
         result = logits(args)
     else:

@@ -28,6 +28,7 @@ from bot.engine.batching.detokenize import IncrementalText
 from bot.engine.batching.launch import default_kv_cache_gb
 from bot.engine.batching.protocol import Add, EmbedInputs, Updates, WorkerOptions
 from bot.engine.batching.worker import Worker
+from bot.engine.ov_config import BadPair, parse_pairs
 from bot.engine.template import ChatTemplate
 
 
@@ -143,7 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args(argv)
     folder = Path(args.folder)
-    ov_config = dict(item.split("=", 1) for item in args.ov_config)
+    try:
+        ov_config = parse_pairs(args.ov_config)
+    except BadPair as error:
+        parser.error(str(error))
     with Load() as during_steps:
         steps, messages = worker_steps(folder, ov_config, args.tokens)
     with Load() as during_bare:

@@ -23,7 +23,7 @@ from bot.chat.service import ChatService
 from bot.config import Config
 from bot.engine import variants
 from bot.engine.base import GenerationSettings
-from bot.engine.manager import REMOTE_KIND, ModelManager, engine_class
+from bot.engine.manager import REMOTE_KIND, ModelManager, needs_model_folder
 from bot.store.db import open_database, session_factory, upgrade
 from bot.store.history import HistoryStore
 from bot.store.replies import ReplyStore
@@ -165,7 +165,7 @@ def remote_options(config: Config) -> dict[str, Any]:
 
 def ensure_model(config: Config) -> None:
     """Make sure the configured precision exists, converting it first if the operator allowed that."""
-    if not engine_class(config.model.engine).needs_model_folder:
+    if not needs_model_folder(config.model.engine):
         return  # e.g. the remote engine: a local folder, if any, only lends its tokenizer
     model_dir = Path(config.model.dir)
     precision = config.model.precision
