@@ -26,11 +26,6 @@ class Arrival:
         self.key = key
         self._left = asyncio.Event()
 
-    @property
-    def left(self) -> bool:
-        """Whether it has left the line."""
-        return self._left.is_set()
-
     async def turn(self) -> None:
         """Wait until every earlier arrival of the same person has left the line."""
         for earlier in self._order.before(self):

@@ -16,13 +16,13 @@ import asyncio
 import importlib.resources
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Connection, event, make_url
+from sqlalchemy import URL, Connection, CursorResult, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,11 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     Objects stay readable after commit so that results can be copied out once the session is closed.
     """
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def rowcount(result: Any) -> int:
+    """How many rows an UPDATE or DELETE executed in a session touched (its result is a CursorResult)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def create_migration_engine(url: str | URL) -> AsyncEngine:

@@ -15,15 +15,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import cast
 
-from sqlalchemy import CursorResult, delete, exists, insert, or_, select, update
+from sqlalchemy import delete, exists, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.engine.base import ImageRef, Role
 from bot.store import privacy
+from bot.store.db import rowcount
 from bot.store.privacy import Removed
 from bot.store.tables import ImageRow, SettingRow, TurnMessageRow, TurnRow, utcnow
 
@@ -87,10 +88,6 @@ def _stored(turn: TurnRow) -> StoredTurn:
 def _unique(message_ids: Sequence[int]) -> list[int]:
     # Order matters (a long answer spans several messages), duplicates don't.
     return list(dict.fromkeys(int(message_id) for message_id in message_ids))
-
-
-def _rowcount(result: Any) -> int:
-    return cast(CursorResult[Any], result).rowcount
 
 
 def _upsert(session: AsyncSession, model: type[ImageRow | SettingRow]) -> sqlite.Insert | postgresql.Insert | None:
@@ -161,7 +158,7 @@ class HistoryStore:
                 .values(message_ids=ids)
                 .execution_options(synchronize_session=False)
             )
-            if _rowcount(result) == 0:
+            if rowcount(result) == 0:
                 return False
             await self._index_messages(session, turn_id, ids, replace=True)
         return True
@@ -207,7 +204,7 @@ class HistoryStore:
                     .distinct()
                 )
             )
-            removed = _rowcount(
+            removed = rowcount(
                 await session.execute(
                     delete(TurnRow).where(TurnRow.channel_id == channel_id).execution_options(synchronize_session=False)
                 )
@@ -215,7 +212,7 @@ class HistoryStore:
             collected = 0
             if images:
                 still_used = exists().where(TurnRow.image_sha256 == ImageRow.sha256)
-                collected = _rowcount(
+                collected = rowcount(
                     await session.execute(
                         delete(ImageRow)
                         .where(ImageRow.sha256.in_(images), ~still_used)
@@ -256,7 +253,7 @@ class HistoryStore:
                     .distinct()
                 )
             )
-            removed = _rowcount(
+            removed = rowcount(
                 await session.execute(
                     delete(TurnRow).where(TurnRow.id.in_(ids)).execution_options(synchronize_session=False)
                 )
@@ -314,7 +311,7 @@ class HistoryStore:
                 )
                 return
             changed = update(SettingRow).where(SettingRow.key == key).values(value=value, updated_at=utcnow())
-            if _rowcount(await session.execute(changed)) == 0:
+            if rowcount(await session.execute(changed)) == 0:
                 try:
                     async with session.begin_nested():
                         await session.execute(insert(SettingRow).values(key=key, value=value))

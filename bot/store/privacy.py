@@ -14,12 +14,13 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import TypeVar
 
-from sqlalchemy import ColumnElement, CursorResult, delete, exists, func, select
+from sqlalchemy import ColumnElement, delete, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
+from bot.store.db import rowcount
 from bot.store.tables import ImageRow, TurnMessageRow, TurnRow
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,6 @@ class Removed:
         return self.questions + self.answers
 
 
-def _rowcount(result: Any) -> int:
-    return cast(CursorResult[Any], result).rowcount
-
-
 def _batches(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
     for start in range(0, len(items), _BATCH):
         yield items[start : start + _BATCH]
@@ -61,7 +58,7 @@ async def _delete_turns(session: AsyncSession, turn_ids: Sequence[int]) -> int:
         result = await session.execute(
             delete(TurnRow).where(TurnRow.id.in_(batch)).execution_options(synchronize_session=False)
         )
-        removed += _rowcount(result)
+        removed += rowcount(result)
     return removed
 
 
@@ -72,7 +69,7 @@ async def _delete_unused_images(session: AsyncSession, candidates: Iterable[str]
         result = await session.execute(
             delete(ImageRow).where(ImageRow.sha256.in_(batch), ~still_used).execution_options(synchronize_session=False)
         )
-        removed += _rowcount(result)
+        removed += rowcount(result)
     return removed
 
 
@@ -145,17 +142,17 @@ async def delete_older_than(sessions: async_sessionmaker[AsyncSession], cutoff: 
             .execution_options(synchronize_session=False)
         )
         channels = list(await session.scalars(select(TurnRow.channel_id).where(old).distinct()))
-        questions = _rowcount(
+        questions = rowcount(
             await session.execute(
                 delete(TurnRow).where(old, TurnRow.role == "user").execution_options(synchronize_session=False)
             )
         )
-        answers = _rowcount(
+        answers = rowcount(
             await session.execute(delete(TurnRow).where(old).execution_options(synchronize_session=False))
         )
         answers += await _delete_turns(session, await _leading_answers(session, channels))
         unused = ~exists().where(TurnRow.image_sha256 == ImageRow.sha256)
-        images = _rowcount(
+        images = rowcount(
             await session.execute(
                 delete(ImageRow)
                 .where(ImageRow.created_at < cutoff, unused)

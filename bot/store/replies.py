@@ -13,11 +13,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.store.db import rowcount
 from bot.store.shared import QUESTION_TTL, ended_here, process_name
 from bot.store.tables import OpenReplyRow, utcnow
 
@@ -131,7 +131,7 @@ class ReplyStore:
                 .values(expires_at=utcnow() + timedelta(seconds=ttl))
                 .execution_options(synchronize_session=False)
             )
-            return cast(CursorResult[Any], result).rowcount
+            return rowcount(result)
 
     async def open_replies(self) -> list[StoredReply]:
         """Every reply not closed yet, whichever process writes it, oldest first."""
@@ -167,7 +167,7 @@ class ReplyStore:
                 .values(owner=self.owner, expires_at=utcnow() + timedelta(seconds=ttl))
                 .execution_options(synchronize_session=False)
             )
-            adopted = cast(CursorResult[Any], result).rowcount == 1
+            adopted = rowcount(result) == 1
         if adopted:
             log.info(
                 "Took over reply %s in channel %s from %s",

@@ -20,12 +20,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, delete, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.store.db import rowcount
 from bot.store.history import HistoryStore
 from bot.store.tables import ActiveQuestionRow, GenerationRow, TurnRow, utcnow
 
@@ -68,10 +69,6 @@ class Generations:
     author: int
 
 
-def _rowcount(result: Any) -> int:
-    return cast(CursorResult[Any], result).rowcount
-
-
 def _insert(session: AsyncSession) -> Any:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -111,7 +108,7 @@ class SharedRules:
             )
             # One statement: two processes claiming at once cannot both see the row missing and insert.
             result = await session.execute(insert.on_conflict_do_nothing(index_elements=[ActiveQuestionRow.author_id]))
-            claimed = _rowcount(result) == 1
+            claimed = rowcount(result) == 1
         if not claimed:
             log.info("User %s already has a question running (seen from %s)", author_id, self.owner)
         return claimed
@@ -134,7 +131,7 @@ class SharedRules:
                 .values(expires_at=utcnow() + timedelta(seconds=ttl))
                 .execution_options(synchronize_session=False)
             )
-            return _rowcount(result)
+            return rowcount(result)
 
     async def clear_expired(self, now: datetime | None = None) -> int:
         """Remove the claims of processes that stopped refreshing them, and at once those of processes on
@@ -149,7 +146,7 @@ class SharedRules:
                 .where(or_(stale, ActiveQuestionRow.owner.in_(dead)) if dead else stale)
                 .execution_options(synchronize_session=False)
             )
-            cleared = _rowcount(result)
+            cleared = rowcount(result)
         if cleared:
             log.info("Cleared %d questions left running by processes that ended", cleared)
         return cleared
