@@ -95,13 +95,13 @@ class ModelConfig:
     # Context window in tokens when neither a local tokenizer nor the server tells it.
     context_window: int = 4096
     # engine = "genai-batching": KV cache in GB (0: sized automatically, ~32k tokens, at most 1/4 of the memory).
-    kv_cache_gb: int = 0
+    kv_cache_gb: int = BatchingOptions.kv_cache_gb
     # engine = "genai-batching": the most tokens one step computes (a new image is prefilled in such chunks).
-    max_batched_tokens: int = 256
+    max_batched_tokens: int = BatchingOptions.max_batched_tokens
     # engine = "genai-batching": encoded images kept for follow-ups (LLaVA-1.5).
-    image_cache_size: int = 16
+    image_cache_size: int = BatchingOptions.image_cache_size
     # engine = "genai-batching": answers decoded together; further questions wait their turn.
-    concurrency: int = 4
+    concurrency: int = BatchingOptions.concurrency
 
     def batching(self) -> BatchingOptions:
         """The batching engine's options from these keys."""
