@@ -65,7 +65,6 @@ def profile(folder: Path, tokens: int, prompt: int, config: dict[str, str]) -> d
     before = _totals(request, 1)
     by_type: dict[str, list[float]] = defaultdict(list)
     walls: list[float] = []
-    exec_types: set[str] = set()
     for step in range(1, tokens + 1):
         started = time.perf_counter()
         request.infer(_step_inputs(hidden, 1, prompt + step - 1))
