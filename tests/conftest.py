@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -21,16 +23,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "tests" / ".model-cache"
+# Outside the checkout, so that every clone on the machine (and CI's fresh one) builds the tiny models once.
+CACHE = Path(
+    os.environ.get("LLAVA_BOT_TEST_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llava-bot" / "test-models"
+)
+# What the converted files depend on besides our own code.
+CONVERSION_PACKAGES = ("torch", "transformers", "optimum", "optimum-intel", "nncf", "openvino", "openvino-tokenizers")
 # Exact comparison with the PyTorch reference needs f32 inference (the CPU defaults to bf16).
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
 def _cache_key(spec: object) -> str:
-    """Rebuild the cached model whenever the builder or the converter changes."""
+    """Rebuild the cached model whenever the builder, the converter or a conversion package changes."""
     digest = hashlib.sha256(repr(spec).encode())
     for source in ("benchmarks/synthetic.py", "bot/engine/convert.py", "bot/engine/variants.py"):
         digest.update((ROOT / source).read_bytes())
+    for package in CONVERSION_PACKAGES:
+        digest.update(f"{package}=={metadata.version(package)}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -43,6 +53,7 @@ def converted_model(name: str, spec: object) -> tuple[Path, Path]:
     with (CACHE / f"{name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _build(name, spec, base, checkpoint, out)
+        os.utime(base)  # in use: kept by _prune
     return checkpoint, out
 
 
@@ -53,8 +64,7 @@ def _build(name: str, spec: object, base: Path, checkpoint: Path, out: Path) -> 
 
     if not (checkpoint / "config.json").exists():
         shutil.rmtree(base, ignore_errors=True)
-        for stale in CACHE.glob(f"{name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _prune(name)
         build_checkpoint(checkpoint, spec)  # type: ignore[arg-type]
     if variants.available(out) != list(variants.PRECISIONS):
         subprocess.run(
@@ -62,6 +72,14 @@ def _build(name: str, spec: object, base: Path, checkpoint: Path, out: Path) -> 
             check=True,
             cwd=ROOT,
         )
+
+
+def _prune(name: str) -> None:
+    """Remove this model's other builds that no checkout has used for a week (others may be in use)."""
+    week_ago = time.time() - 7 * 24 * 3600
+    for stale in CACHE.glob(f"{name}-*"):
+        if stale.is_dir() and stale.stat().st_mtime < week_ago:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -44,22 +44,33 @@ def _log_progress(message: str) -> None:
 
 def check_model(model: str) -> dict[str, object]:
     """Load the model's config and make sure it is a LLaVA-family image-text-to-text model."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(model)
+        family = _model_type(model)
     except (OSError, ValueError) as error:
         where = "a local folder" if Path(model).exists() else "a Hugging Face model id that could be reached"
         raise ConversionError(
             f"Could not load model {model!r}: it is not {where} with a config.json ({error.__class__.__name__})."
         ) from error
-    family = getattr(config, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
         raise ConversionError(
             f"{model!r} is a {family!r} model, not an image-text-to-text LLaVA-family model "
             f"(supported: {', '.join(SUPPORTED_FAMILIES)})."
         )
     return {"model_type": family}
+
+
+def _model_type(model: str) -> object:
+    """The config's ``model_type``. A local folder's config.json is read as it is: asking transformers would
+    import PyTorch and most of transformers, ten seconds before any work starts."""
+    folder = Path(model)
+    if folder.is_dir():
+        config = json.loads((folder / "config.json").read_text())  # a missing file is an OSError
+        if not isinstance(config, dict):
+            raise ValueError("config.json is not a JSON object")
+        return config.get("model_type")
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model), "model_type", None)
 
 
 def _checkpoint_bytes(model: str) -> int | None:

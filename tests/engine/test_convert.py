@@ -50,31 +50,30 @@ def test_conversion_is_idempotent(tiny_llava: tuple[Path, Path]) -> None:
 def test_interrupted_conversion_leaves_nothing_loadable_but_broken(
     tiny_llava: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    checkpoint, _ = tiny_llava
+    checkpoint, converted = tiny_llava
     out = tmp_path / "out"
+    # FP16 is done (the long export, here taken from the cached model); the INT8 step is killed part-way.
+    shutil.copytree(converted / "FP16", out / "FP16")
+    command = [sys.executable, "-m", "bot", "convert", str(checkpoint), "--out", str(out), "--precision", "int8"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "bot", "convert", str(checkpoint), "--out", str(out)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    # Kill the whole process group (the exporter runs as a child) once files are being written.
+    # Kill the whole process group once the INT8 folder is being written.
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any((out / ".FP16.partial").glob("*.xml")):
-        time.sleep(0.05)
+    while time.monotonic() < deadline and not any((out / ".INT8.partial").glob("*.xml")):
+        time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert any(out.iterdir()), "the conversion was killed before it wrote anything; the test proves nothing"
-    assert variants.available(out) == []
-    for folder in out.iterdir():
-        with pytest.raises(EngineError):
-            load_engine("genai", folder)
-    # A truncated file inside an otherwise complete folder is noticed too.
+    assert any((out / ".INT8.partial").iterdir()), "killed before it wrote anything; the test proves nothing"
+    assert variants.available(out) == ["FP16"]
+    with pytest.raises(EngineError):
+        load_engine("genai", out / ".INT8.partial")
+    # The next run starts the step again and finishes it.
     result = run_cli("convert", str(checkpoint), "--out", str(out), "--precision", "int8")
     assert result.returncode == 0, result.stderr
     assert variants.available(out) == ["INT8", "FP16"]
     assert not list(out.glob(".*.partial"))
+    # A truncated file inside an otherwise complete folder is noticed too.
     weights = out / "INT8" / "openvino_language_model.bin"
     weights.write_bytes(weights.read_bytes()[:100])
     assert variants.available(out) == ["FP16"]
@@ -125,16 +124,6 @@ def test_chat_answers_on_stdout_only(tiny_llava: tuple[Path, Path], tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "no answer on stdout"
     assert "tokens" in result.stderr and "tokens" not in result.stdout
-    # The same question through the other engine and interactively (a turn with /image, then a follow-up).
-    interactive = subprocess.run(
-        [sys.executable, "-m", "bot", "chat", "--model", str(tiny_llava[1] / "INT4"), "--engine", "optimum",
-         "--max-new-tokens", "5"],
-        input=f"/image {image}\nWhat is this?\nAnd the colour?\n/quit\n",
-        capture_output=True, text=True, cwd=ROOT, check=False,
-    )  # fmt: skip
-    assert interactive.returncode == 0, interactive.stderr
-    assert len([line for line in interactive.stdout.splitlines() if line.strip()]) == 2
-    assert "image attached" in interactive.stderr
 
 
 def test_chat_error_paths(tiny_llava: tuple[Path, Path], tmp_path: Path) -> None:

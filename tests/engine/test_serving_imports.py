@@ -49,15 +49,23 @@ def test_chat_answers_without_importing_pytorch(tiny_llava: tuple[Path, Path], t
     assert heavy_imports(result.stderr) == []
 
 
-def test_the_optimum_engine_still_loads_the_reference_stack(tiny_llava: tuple[Path, Path]) -> None:
-    """The check above can fail: the reference engine does import transformers and torch."""
+def test_the_optimum_engine_loads_the_reference_stack_and_chats_interactively(
+    tiny_llava: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The check above can fail: the reference engine does import transformers and torch. The session is
+    interactive: a turn with /image, then a follow-up."""
+    image = tmp_path / "photo.png"
+    sample_image().save(image)
     result = subprocess.run(
         [sys.executable, "-m", "bot", "chat", "--model", str(tiny_llava[1] / "INT4"), "--engine", "optimum",
-         "--max-new-tokens", "2", "Hello"],
+         "--max-new-tokens", "5"],
+        input=f"/image {image}\nWhat is this?\nAnd the colour?\n/quit\n",
         cwd=ROOT, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}, capture_output=True, text=True, timeout=600,
         check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert len([line for line in result.stdout.splitlines() if line.strip()]) == 2
+    assert "image attached" in result.stderr
     assert {"torch", "transformers"} <= set(heavy_imports(result.stderr))
 
 
