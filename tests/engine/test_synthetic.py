@@ -7,15 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from benchmarks.synthetic import IMAGE_ID, SPECIAL_TOKENS, TINY, TINY_NEXT, SyntheticSpec, build_checkpoint
 
 
 @pytest.mark.parametrize("spec", [TINY, TINY_NEXT], ids=["llava", "llava_next"])
 def test_tiny_checkpoint_generates_for_image_and_question(tmp_path: Path, spec: SyntheticSpec) -> None:
+    # Imported here, not at the top: every test process collects this module, and these imports cost seconds.
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     folder = build_checkpoint(tmp_path / "model", spec)
 
     assert json.loads((folder / "preprocessor_config.json").read_text())["crop_size"] == {
