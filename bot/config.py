@@ -60,6 +60,8 @@ class DiscordConfig:
     denied_user_ids: list[int] = field(default_factory=list)
     # Seconds that answers still being written get to finish after SIGTERM/SIGINT before they are cut short.
     shutdown_grace: float = 20.0
+    # Seconds between looks for replies that ended processes sharing the database left unfinished.
+    recovery_interval: float = 10.0
     # Gateway shards of the whole bot; 0 means one unsharded connection.
     shard_count: int = 0
     # The shards this process runs; empty means all of shard_count.
@@ -206,6 +208,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("discord.edit_interval must be at least 0.2 seconds")
     if config.discord.shutdown_grace < 0:
         raise ConfigError("discord.shutdown_grace must be 0 or more seconds")
+    if config.discord.recovery_interval <= 0:
+        raise ConfigError("discord.recovery_interval must be more than 0 seconds")
     _validate_shards(config.discord)
     if config.chat.max_queue < 1 or config.chat.max_image_bytes < 1 or config.chat.max_image_pixels < 1:
         raise ConfigError("chat.max_queue, chat.max_image_bytes and chat.max_image_pixels must be positive")

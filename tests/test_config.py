@@ -33,6 +33,7 @@ def test_example_file_is_valid_and_shows_every_default() -> None:
         ({"chat": {"max_queue": "ten"}}, "chat.max_queue must be int"),
         ({"discord": {"edit_interval": 0.01}}, "edit_interval must be at least"),
         ({"discord": {"shutdown_grace": -1}}, "discord.shutdown_grace must be 0 or more"),
+        ({"discord": {"recovery_interval": 0}}, "discord.recovery_interval must be more than 0"),
         ({"discord": {"reset_permission": "nobody"}}, "reset_permission"),
         ({"discord": {"admin_ids": [1, "x"]}}, "admin_ids[1] must be int"),
         (

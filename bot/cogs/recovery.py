@@ -3,7 +3,7 @@
 Such a reply still shows the "still writing" marker, or a "Thinking…" placeholder, and would forever. Each is
 edited to end with a sentence saying the answer was cut off, then taken off the record. Several processes may
 share the database (shards, PostgreSQL): a reply is closed only once the process writing it has ended, which
-a start checks at once and every running process checks again every :data:`SWEEP_INTERVAL` seconds, so the
+a start checks at once and every running process checks again every ``discord.recovery_interval`` seconds, so the
 survivors close what a crashed peer left within the claims' expiry (:data:`~bot.store.shared.QUESTION_TTL`).
 
 Regular replies are edited through the channel, like any message of the bot's own. Responses to /ask are
@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 CUT_OFF = "This answer was cut off when I restarted; please ask again."
 
 MESSAGE_LIMIT = 2000
-# How often a running process looks for replies of processes that ended: one small query, while a crashed
-# process on this host is noticed at the next look.
-SWEEP_INTERVAL = 10.0
 # An interaction token lives 15 minutes from the interaction; the reply was recorded a little after it.
 TOKEN_LIFETIME = timedelta(minutes=14)
 _WAITING_PREFIX = WAITING.split("{", 1)[0]
@@ -105,7 +102,7 @@ class _Target:
 
 
 class RecoveryCog(commands.Cog):
-    """Closes the replies that ended processes left open: at start, then every :data:`SWEEP_INTERVAL`."""
+    """Closes the replies that ended processes left open: at start, then every ``discord.recovery_interval``."""
 
     def __init__(self, bot: LlavaBot) -> None:
         self.bot = bot
@@ -122,7 +119,7 @@ class RecoveryCog(commands.Cog):
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def watch(self) -> None:
-        """Sweep now and then every :data:`SWEEP_INTERVAL` seconds; a failed sweep is logged and retried."""
+        """Sweep now and then every ``discord.recovery_interval`` seconds; a failed sweep is logged and retried."""
         starting = True
         while True:
             try:
@@ -130,7 +127,8 @@ class RecoveryCog(commands.Cog):
             except Exception:
                 log.exception("Looking for unfinished replies of ended processes failed")
             starting = False
-            await asyncio.sleep(SWEEP_INTERVAL)
+            # One small query a look; a crashed process of this host is noticed at the next one.
+            await asyncio.sleep(self.bot.config.discord.recovery_interval)
 
     async def sweep(self, *, starting: bool = False) -> int:
         """Take over the replies of processes that have ended and close them; returns how many were closed."""

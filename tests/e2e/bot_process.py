@@ -85,17 +85,21 @@ class BotProcess:
         self.emulator = emulator
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        tables = bot_config_tables(emulator, model_dir, data_dir)
-        for table, values in (config or {}).items():
-            tables.setdefault(table, {}).update(values)
+        self.tables = bot_config_tables(emulator, model_dir, data_dir)
         self.config_path = data_dir / "config.toml"
-        write_config(self.config_path, tables)
+        self.configure(config or {})
         # The scripted engine is registered by a wrapper around the same command line.
-        self.module = "tests.support.run" if tables["model"].get("engine") == "scripted" else "bot"
+        self.module = "tests.support.run" if self.tables["model"].get("engine") == "scripted" else "bot"
         self.env = {**os.environ, "DISCORD_TOKEN": emulator.token, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.process: asyncio.subprocess.Process | None = None
         self._stderr = bytearray()
         self._reader: asyncio.Task[None] | None = None
+
+    def configure(self, config: dict[str, dict[str, Any]]) -> None:
+        """Merge ``config`` into the config file, table by table; the next :meth:`start` reads it, as a restart does."""
+        for table, values in config.items():
+            self.tables.setdefault(table, {}).update(values)
+        write_config(self.config_path, self.tables)
 
     @property
     def database_url(self) -> str:

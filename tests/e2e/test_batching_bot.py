@@ -22,7 +22,7 @@ async def test_channels_are_answered_together_and_follow_ups_use_history(
     bot_config.model.engine = "genai-batching"
     bot_config.model.precision = "FP16"
     bot_config.model.ov_config.update(F32)
-    bot_config.model.max_new_tokens = 400
+    bot_config.model.max_new_tokens = 200
     channels = (emulator.channel_id, emulator.second_channel_id, emulator.thread_id)
     people = (emulator.user, emulator.other_user, emulator.admin)
     uploads = [png(seed=i) for i in range(3)]
@@ -44,7 +44,7 @@ async def test_channels_are_answered_together_and_follow_ups_use_history(
     engine = await asyncio.to_thread(
         load_engine, "genai-batching", Path(bot_config.model.dir) / "FP16", "CPU", bot_config.model.ov_config
     )
-    settings = GenerationSettings(max_new_tokens=400)
+    settings = GenerationSettings(max_new_tokens=bot_config.model.max_new_tokens)
     try:
         for i, answer in enumerate(answers):
             alone = [Turn("user", f"What is in picture {i}?", (seen_by_model(uploads[i]),))]

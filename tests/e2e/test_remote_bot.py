@@ -31,6 +31,9 @@ from tests.e2e.serve_process import ServeProcess
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
+# Answers that last seconds, while the test strikes within milliseconds of seeing text.
+LONG = 400
+
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
@@ -87,7 +90,7 @@ async def test_questions_and_follow_ups_stream_from_the_server(
 async def test_a_server_killed_mid_answer_gives_a_sentence_and_a_restarted_one_answers(
     remote_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines, server: ServeProcess
 ) -> None:
-    remote_config.model.max_new_tokens = 1500
+    remote_config.model.max_new_tokens = LONG
     image = png(seed=6)
     async with llava_bot(remote_config, emulator) as bot:
         asked = await emulator.user_message(
@@ -132,7 +135,7 @@ async def stopped_on_the_server(server: ServeProcess, before: dict[str, int], ma
 async def test_stop_and_deleting_the_question_stop_the_generation_on_the_server(
     remote_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines, server: ServeProcess
 ) -> None:
-    remote_config.model.max_new_tokens = 1500
+    remote_config.model.max_new_tokens = LONG
     channel, image = emulator.channel_id, png(seed=6)
     async with llava_bot(remote_config, emulator) as bot:
         # Stop, pressed by the asker while the server streams a long answer.

@@ -26,7 +26,8 @@ LONG = 1800
 
 def shard_config(shard: int, database_url: str) -> dict[str, dict[str, Any]]:
     return {
-        "discord": {"shard_count": 2, "shard_ids": [shard]},
+        # The survivor looks for replies of ended processes this often (10 s by default).
+        "discord": {"shard_count": 2, "shard_ids": [shard], "recovery_interval": 0.5},
         "model": {"engine": "genai", "max_new_tokens": LONG},
         "database": {"url": database_url},
     }

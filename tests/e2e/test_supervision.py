@@ -21,15 +21,16 @@ from tests.e2e.test_commands import command, said, status_lines
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-STALL_TIMEOUT = 5
+STALL_TIMEOUT = 3
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def running(
     tiny_llava: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[BotProcess, DiscordEmulator]]:
-    """One bot process for the module: answers long enough to strike while they stream, a short watchdog."""
-    config = {"model": {"engine": "genai-batching", "max_new_tokens": 1500, "stall_timeout": STALL_TIMEOUT}}
+    """One bot process for the module: answers long enough to strike while they stream (seconds, while the
+    test strikes within milliseconds of seeing text) yet short enough to wait for, a short watchdog."""
+    config = {"model": {"engine": "genai-batching", "max_new_tokens": 400, "stall_timeout": STALL_TIMEOUT}}
     async with (
         DiscordEmulator() as emulator,
         BotProcess(emulator, tiny_llava[1], tmp_path_factory.mktemp("supervised"), config) as bot,
