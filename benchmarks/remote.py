@@ -4,8 +4,9 @@ The server runs the default engine on the same precision folder as the in-proces
 the HTTP hop (the request with its base64 picture, server-sent events back, the remote engine's bookkeeping).
 Each round alternates three arms, each a fresh ``benchmarks.whole_bot`` process with one warm-up question and
 one measured one: the in-process bot, one bot through the server, and two bot processes through the server
-asking at the same moment. The ratios come from the arms of the same round (see :mod:`benchmarks.pairing`).
-The server's own CPU time is the benchmark's, not a neighbour's, in each run's background-load figure.
+asking at the same moment. A quick run takes its in-process arm from the bot row, measured the same way.
+The ratios come from the arms of the same round (see :mod:`benchmarks.pairing`). The server's own CPU time is
+the benchmark's, not a neighbour's, in each run's background-load figure.
 """
 
 from __future__ import annotations
@@ -197,6 +198,14 @@ def _record(run: PairedRun, results: Sequence[dict[str, Any]]) -> None:
     run.decode_tokens_per_s = aggregate_rate(results)
 
 
+def _reusable_bot_row(runner: Runner) -> tuple[dict[str, Any], float | None] | None:
+    """The bot row of a quick run, which is the in-process arm's measurement: the same process arguments, one
+    measured question, taken just before the server started. A smoke run need not start that process twice."""
+    if runner.options.quick and runner.options.runs == 1:
+        return runner.bot_measurement
+    return None
+
+
 def measure_remote(runner: Runner, folder: Path, precision: str, scratch: Path) -> RemoteResult:
     """The remote rows of the report: ``runner.options.pairs`` rounds (at least one; one when quick) of the arms."""
     options, engine = runner.options, runner.default_engine
@@ -205,6 +214,7 @@ def measure_remote(runner: Runner, folder: Path, precision: str, scratch: Path) 
     result = RemoteResult(status="measured", precision=precision, engine=engine, rounds=rounds)
     local, remote, two = Arm(engine, precision), Arm(REMOTE, precision), Arm(TWO_BOTS, precision)
     log_path = runner.logs / "remote.log"
+    reused = _reusable_bot_row(runner)
     serve_config = {**options.ov_config, "CACHE_DIR": str(scratch / "cache-serve")}
     log.info("measuring the bot through llava-bot serve (%s on %s), %d round(s)", engine, precision, rounds)
     try:
@@ -218,7 +228,9 @@ def measure_remote(runner: Runner, folder: Path, precision: str, scratch: Path) 
                 run = PairedRun(round=round_, engine=arm.engine, precision=precision)
                 load = LoadBesides(server)
                 try:
-                    if arm is local:
+                    if arm is local and reused is not None:
+                        _record(run, [reused[0]])
+                    elif arm is local:
                         _record(run, [run_module("benchmarks.whole_bot", bot, log_path, options.worker_timeout_s)])
                     elif arm is remote:
                         _record(run, [run_module("benchmarks.whole_bot", through, log_path, options.worker_timeout_s)])
@@ -227,7 +239,7 @@ def measure_remote(runner: Runner, folder: Path, precision: str, scratch: Path) 
                 except (WorkerError, KeyError, TypeError) as error:
                     log.error("round %d of %s failed: %s", round_ + 1, arm.engine, error)
                     run.error = str(error)
-                run.foreign_cpu_share = load.share()
+                run.foreign_cpu_share = reused[1] if arm is local and reused is not None else load.share()
                 result.runs.append(run)
                 log.info(
                     "round %d, %s: first text after %s s, %s tok/s",
