@@ -30,7 +30,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.workload import FIRST_QUESTION, LoopLag, emit_result, make_image, median, percentile
+from benchmarks.workload import (
+    FIRST_QUESTION,
+    LoopLag,
+    emit_result,
+    exit_without_teardown,
+    make_image,
+    median,
+    percentile,
+)
 from bot.engine.ov_config import parse_pairs
 
 log = logging.getLogger(__name__)
@@ -281,4 +289,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())

@@ -12,7 +12,7 @@ from discord.ext import commands
 
 from bot.cogs.replies import NO_PINGS
 from bot.engine.base import EngineError
-from bot.engine.remote import RemoteEngine
+from bot.engine.manager import REMOTE_KIND
 from bot.engine.supervisor import Health
 from bot.engine.variants import PRECISIONS
 
@@ -153,9 +153,13 @@ class AdminCog(commands.Cog):
             **health_lines(models.health),
         )
         engine = models.engine
-        if isinstance(engine, RemoteEngine):
-            health = await engine.health()
-            text += STATUS_SERVER.format(url=engine.settings.base_url, model=engine.settings.model, health=health)
+        if models.kind == REMOTE_KIND:
+            # Imported here: the OpenAI client it pulls in would cost an in-process bot a second at start.
+            from bot.engine.remote import RemoteEngine
+
+            if isinstance(engine, RemoteEngine):
+                health = await engine.health()
+                text += STATUS_SERVER.format(url=engine.settings.base_url, model=engine.settings.model, health=health)
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_PINGS)
 
 
