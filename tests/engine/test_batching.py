@@ -54,7 +54,7 @@ def channels() -> list[list[Turn]]:
     ]
 
 
-async def test_concurrent_answers_match_each_run_alone(tiny_llava: tuple[Path, Path]) -> None:
+async def test_concurrent_answers_match_each_run_alone(tiny_llava: tuple[Path, Path], engine: BatchingEngine) -> None:
     """Four channels batched together get the greedy answers each gets alone, and the reference's."""
     checkpoint, out = tiny_llava
     conversations = channels()
@@ -68,11 +68,8 @@ async def test_concurrent_answers_match_each_run_alone(tiny_llava: tuple[Path, P
     assert max(s.stats.first_token or 0 for s in streams) < min(s.stats.finished or 0 for s in streams)
     assert all(s.stats.new_tokens == 48 for s in streams)
 
-    alone = await load(out / "FP16", F32)  # a fresh engine, so nothing is reused from the batched run
-    try:
-        separately = [(await answer(alone, c, max_new_tokens=48, ignore_eos=True))[0] for c in conversations]
-    finally:
-        alone.close()
+    # Another engine, so nothing is reused from the batched run.
+    separately = [(await answer(engine, c, max_new_tokens=48, ignore_eos=True))[0] for c in conversations]
     assert together == separately
     assert len(set(together)) > 1, "the channels should get different answers"
     assert together[0] == reference_text(checkpoint, conversations[0], 48)
