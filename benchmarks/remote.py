@@ -4,8 +4,10 @@ The server runs the default engine on the same precision folder as the in-proces
 the HTTP hop (the request with its base64 picture, server-sent events back, the remote engine's bookkeeping).
 Each round alternates three arms, each a fresh ``benchmarks.whole_bot`` process with one warm-up question and
 one measured one: the in-process bot, one bot through the server, and two bot processes through the server
-asking at the same moment. The ratios come from the arms of the same round (see :mod:`benchmarks.pairing`).
-The server's own CPU time is the benchmark's, not a neighbour's, in each run's background-load figure.
+asking at the same moment. A quick run takes its in-process arm from the bot row, measured the same way, and
+its one bot through the server is the first of the two, asking alone while the other waits, warmed up.
+The ratios come from the arms of the same round (see :mod:`benchmarks.pairing`). The server's own CPU time is
+the benchmark's, not a neighbour's, in each run's background-load figure.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -139,28 +141,41 @@ class LoadBesides(ForeignLoad):
         return ForeignLoad._own_seconds() + self._server.cpu_seconds()
 
 
-def run_together(arg_lists: Sequence[Sequence[str]], log_path: Path, timeout: float) -> list[dict[str, Any]]:
+def run_together(
+    arg_lists: Sequence[Sequence[str]], log_path: Path, timeout: float, solo_runs: int = 0
+) -> list[dict[str, Any]]:
     """Run several ``benchmarks.whole_bot`` processes whose measured questions start at the same moment.
 
-    Each process warms up, touches its ready file and waits; once all are ready the go file appears.
+    Each process warms up, touches its ready file and waits; once all are ready the go file appears. With
+    ``solo_runs`` the first process asks that many measured questions alone before (its result's "solo").
     """
     with tempfile.TemporaryDirectory(prefix="llava-bench-together-") as scratch, log_path.open("ab") as sink:
-        go = Path(scratch) / "go"
+        go, solo_go, solo_done = (Path(scratch) / name for name in ("go", "solo-go", "solo-done"))
         readies = [Path(scratch) / f"ready-{i}" for i in range(len(arg_lists))]
         results = [Path(scratch) / f"result-{i}.json" for i in range(len(arg_lists))]
         processes = []
-        for args, ready, result in zip(arg_lists, readies, results, strict=True):
+        for index, (args, ready, result) in enumerate(zip(arg_lists, readies, results, strict=True)):
             command = [sys.executable, "-m", "benchmarks.whole_bot", *args]
             command += ["--ready-file", str(ready), "--go-file", str(go), "--result", str(result)]
+            if solo_runs and index == 0:
+                command += ["--solo-runs", str(solo_runs), "--solo-go-file", str(solo_go)]
+                command += ["--solo-done-file", str(solo_done)]
             sink.write(f"$ {' '.join(command)}\n".encode())
             sink.flush()
             processes.append(subprocess.Popen(command, stdout=sink, stderr=sink, env=worker_env()))
         deadline = time.monotonic() + timeout
-        try:
-            while not all(r.exists() for r in readies):
+
+        def wait_until(condition: Callable[[], bool]) -> None:
+            while not condition():
                 if any(p.poll() is not None for p in processes) or time.monotonic() > deadline:
                     raise WorkerError(f"a bot process ended or hung before its measured question (log: {log_path})")
                 time.sleep(0.05)
+
+        try:
+            wait_until(lambda: all(r.exists() for r in readies))
+            if solo_runs:
+                solo_go.touch()
+                wait_until(solo_done.exists)
             go.touch()
             for process in processes:
                 process.wait(max(deadline - time.monotonic(), 1.0))
@@ -197,6 +212,15 @@ def _record(run: PairedRun, results: Sequence[dict[str, Any]]) -> None:
     run.decode_tokens_per_s = aggregate_rate(results)
 
 
+def _reusable_bot_row(runner: Runner) -> tuple[dict[str, Any], float | None] | None:
+    """The bot row of a quick run, which is the in-process arm's measurement: the same process arguments, one
+    measured question, taken just before the server started. A smoke run need not start that process twice, and
+    its one bot through the server is the first of the two bots, asking alone before they ask together."""
+    if runner.options.quick and runner.options.runs == 1:
+        return runner.bot_measurement
+    return None
+
+
 def measure_remote(runner: Runner, folder: Path, precision: str, scratch: Path) -> RemoteResult:
     """The remote rows of the report: ``runner.options.pairs`` rounds (at least one; one when quick) of the arms."""
     options, engine = runner.options, runner.default_engine
@@ -205,6 +229,7 @@ def measure_remote(runner: Runner, folder: Path, precision: str, scratch: Path) 
     result = RemoteResult(status="measured", precision=precision, engine=engine, rounds=rounds)
     local, remote, two = Arm(engine, precision), Arm(REMOTE, precision), Arm(TWO_BOTS, precision)
     log_path = runner.logs / "remote.log"
+    reused = _reusable_bot_row(runner)
     serve_config = {**options.ov_config, "CACHE_DIR": str(scratch / "cache-serve")}
     log.info("measuring the bot through llava-bot serve (%s on %s), %d round(s)", engine, precision, rounds)
     try:
@@ -212,22 +237,34 @@ def measure_remote(runner: Runner, folder: Path, precision: str, scratch: Path) 
             folder / precision, engine=engine, device=options.device, ov_config=serve_config,
             log_path=runner.logs / "serve.log",
         ) as server:  # fmt: skip
+            # Arms a quick run measured ahead: the bot row, and one bot within the two-bot processes.
+            ahead: dict[str, tuple[list[dict[str, Any]], float | None]] = {}
+            if reused is not None:
+                ahead[local.engine] = ([reused[0]], reused[1])
             for round_, arm in schedule([local, remote, two], rounds):
                 bot = runner.bot_args(folder, engine, precision, 1, scratch / f"cache-remote-{arm.engine}")
                 through = [*bot, "--base-url", server.base_url, "--remote-model", MODEL_NAME]
                 run = PairedRun(round=round_, engine=arm.engine, precision=precision)
                 load = LoadBesides(server)
+                share: float | None = None
                 try:
-                    if arm is local:
-                        _record(run, [run_module("benchmarks.whole_bot", bot, log_path, options.worker_timeout_s)])
+                    if arm.engine in ahead:
+                        measured, share = ahead.pop(arm.engine)
+                    elif arm is local:
+                        measured = [run_module("benchmarks.whole_bot", bot, log_path, options.worker_timeout_s)]
+                    elif arm is remote and reused is not None:
+                        together = run_together([through, through], log_path, options.worker_timeout_s, solo_runs=1)
+                        measured, share = [together[0]["solo"]], load.share()
+                        ahead[two.engine] = (together, share)
                     elif arm is remote:
-                        _record(run, [run_module("benchmarks.whole_bot", through, log_path, options.worker_timeout_s)])
+                        measured = [run_module("benchmarks.whole_bot", through, log_path, options.worker_timeout_s)]
                     else:
-                        _record(run, run_together([through, through], log_path, options.worker_timeout_s))
+                        measured = run_together([through, through], log_path, options.worker_timeout_s)
+                    _record(run, measured)
                 except (WorkerError, KeyError, TypeError) as error:
                     log.error("round %d of %s failed: %s", round_ + 1, arm.engine, error)
                     run.error = str(error)
-                run.foreign_cpu_share = load.share()
+                run.foreign_cpu_share = share if share is not None else load.share()
                 result.runs.append(run)
                 log.info(
                     "round %d, %s: first text after %s s, %s tok/s",

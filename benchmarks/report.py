@@ -149,7 +149,7 @@ def _ratio_cells(ratio: PairedRatio | None) -> list[str]:
     return [f"{ratio.median:.2f}x", f"{ratio.spread}; largest load gap {gap}"]
 
 
-def _remote_section(remote: RemoteResult) -> list[str]:
+def _remote_section(remote: RemoteResult, quick: bool = False) -> list[str]:
     lines = ["", "## Going remote (the bot through `llava-bot serve` on loopback)", ""]
     if remote.status != "measured":
         return [*lines, f"Not measured ({remote.status})" + (f": {remote.reason}" if remote.reason else "")]
@@ -188,7 +188,13 @@ def _remote_section(remote: RemoteResult) -> list[str]:
         f"{remote.rounds} round(s), each a fresh bot process per arm (one warm-up question, one measured) in turn: "
         'the bot with the engine in its process, the bot with `model.engine = "openai"` against the server '
         "(same engine, same folder), and two such bots asking at the same moment. The server's CPU time counts "
-        "as the benchmark's own in the load gap.",
+        "as the benchmark's own in the load gap."
+        + (
+            " In quick mode the in-process arm is the bot row above, measured the same way, and one bot through the "
+            "server is the first of the two, asking alone before they ask together."
+            if quick
+            else ""
+        ),
     ]
     if failed:
         lines += ["", "Failed runs: " + "; ".join(failed)]
@@ -339,7 +345,7 @@ def markdown(results: BenchResults) -> str:
         )
     else:
         lines.append(f"Not measured ({bot.status}): {bot.reason}")
-    lines += _remote_section(results.remote)
+    lines += _remote_section(results.remote, results.settings.quick)
     lines += ["", "## Targets", ""]
     lines += _table(
         ["target", "measured", "spread / note", "goal", "status"],

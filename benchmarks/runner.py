@@ -115,6 +115,8 @@ class Runner:
             # Batching engines exist to serve several conversations at once, so they are always timed doing it.
             wanted = [self.default_engine] + [e for e in known if engine_class(e).max_concurrency > 1]
         self.concurrency_engines = [e for e in dict.fromkeys(wanted) if e in self.engines and options.channels]
+        # The bot row's raw result and the background load meanwhile: a quick run's remote rows reuse it.
+        self.bot_measurement: tuple[dict[str, Any], float | None] | None = None
 
     # --- the model -------------------------------------------------------------------------------
     def prepare_model(self) -> tuple[Path, list[str], ModelInfo]:
@@ -272,8 +274,10 @@ class Runner:
             else:
                 skipped = "--no-bot" if not options.bot else "--no-remote"
                 results.remote = RemoteResult(status="unavailable", reason=f"skipped ({skipped})")
-        # Measured again at the end and the better kept: a neighbour on a shared host can slow one measurement.
-        results.bandwidth = best_bandwidth(results.bandwidth, measure_bandwidth(options.bandwidth_mib))
+        if not options.quick:
+            # Measured again at the end and the better kept: a neighbour on a shared host can slow one measurement.
+            # A smoke run keeps its one sample, like every other figure of it.
+            results.bandwidth = best_bandwidth(results.bandwidth, measure_bandwidth(options.bandwidth_mib))
         apply_bandwidth(results)
         results.targets = compute_targets(results, load_baseline(options.baseline))
         results.wall_time_s = time.monotonic() - started
@@ -335,11 +339,13 @@ class Runner:
         raw = results.engine(engine, precision)
         args = self.bot_args(folder, engine, precision, self.options.runs, scratch / "cache-bot")
         log.info("measuring %s on %s through the bot and the loopback Discord emulator", engine, precision)
+        load = ForeignLoad()
         try:
             data = run_module("benchmarks.whole_bot", args, self.logs / "bot.log", self.options.worker_timeout_s)
         except WorkerError as error:
             log.error("the measurement through the bot failed: %s", error)
             return BotResult(status="failed", reason=str(error), engine=engine, precision=precision)
+        self.bot_measurement = (data, load.share())
         result = BotResult(**data)
         if raw is not None and raw.decode_tokens_per_s:
             result.engine_tokens_per_s = raw.decode_tokens_per_s

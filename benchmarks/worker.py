@@ -29,6 +29,7 @@ from benchmarks.workload import (
     Timing,
     decode_union_rate,
     emit_result,
+    exit_without_teardown,
     make_image,
     timed_generation,
 )
@@ -288,4 +289,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from PIL import Image
@@ -174,3 +176,15 @@ def emit_result(result: dict[str, Any], path: str | None) -> None:
         Path(path).write_text(text + "\n")
     else:
         print(text)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a measuring process once its result is out, without the interpreter's teardown.
+
+    Collecting the modules of the bot, discord.py and OpenVINO at exit costs every measuring process a second or
+    more and measures nothing: whatever the measurement opened it has closed by then.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -255,15 +255,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- run / db ----------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the Discord bot."""
+    from bot.config import ConfigError, load_config
+
+    try:
+        config = load_config(Path(args.config))
+    except ConfigError as error:
+        raise CliError(str(error)) from error
+    # Imported once the configuration is known to be good: a mistake in it is told without waiting for them.
     import discord
 
     from bot.client import run_bot
-    from bot.config import ConfigError, load_config
     from bot.services import StartupError
 
     try:
-        return run_bot(load_config(Path(args.config)))
-    except (ConfigError, StartupError) as error:
+        return run_bot(config)
+    except StartupError as error:
         raise CliError(str(error)) from error
     except discord.LoginFailure as error:
         raise CliError(

@@ -781,8 +781,16 @@ class DiscordEmulator:
         followups = [self.messages[i] for i in record.followup_ids if i != record.original_message_id]
         return InteractionResponses(record.response_type, original, followups, record.modal, record.choices)
 
-    async def wait_for(self, predicate: Callable[[], T | None], timeout: float = 10.0) -> T:  # noqa: ASYNC109
-        """Wait until ``predicate()`` is truthy and return its value; re-checked on every state change."""
+    async def wait_for(
+        self,
+        predicate: Callable[[], T | None],
+        timeout: float = 10.0,  # noqa: ASYNC109
+        recheck: float = 0.25,
+    ) -> T:
+        """Wait until ``predicate()`` is truthy and return its value; re-checked on every state change.
+
+        A predicate that turns true with time alone (a quiet spell) is re-checked every ``recheck`` seconds too.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -794,7 +802,7 @@ class DiscordEmulator:
                 raise TimeoutError(f"condition not met within {timeout} s")
             changed = self._changed
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(remaining, 0.25))
+                await asyncio.wait_for(changed.wait(), min(remaining, recheck))
 
     async def wait_for_message(
         self,

@@ -124,6 +124,10 @@ def _finished(messages: Sequence[MessageRecord]) -> bool:
     )
 
 
+# How often a wait for a quiet spell looks again: the spell ends with no write to wake the waiter.
+QUIET_RECHECK = 0.05
+
+
 async def wait_answer(
     emulator: DiscordEmulator, asked: JSON, *, quiet: float = 0.6, within: float = 60
 ) -> list[MessageRecord]:
@@ -136,7 +140,7 @@ async def wait_answer(
             return messages
         return None
 
-    return await emulator.wait_for(done, within)
+    return await emulator.wait_for(done, within, recheck=QUIET_RECHECK)
 
 
 async def wait_response(
@@ -150,7 +154,7 @@ async def wait_response(
             return messages
         return None
 
-    return await emulator.wait_for(done, within)
+    return await emulator.wait_for(done, within, recheck=QUIET_RECHECK)
 
 
 async def unanswered(emulator: DiscordEmulator, *messages: JSON) -> bool:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +20,29 @@ ENGINES = ("genai", "optimum")
 NEW_TOKENS = 24
 
 
-def reference_text(checkpoint: Path, conversation: list[Turn], new_tokens: int) -> str:
-    """Greedy answer of the transformers PyTorch model, weights rounded to fp16 like the FP16 IR."""
-    import torch
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+@functools.cache
+def reference_model(checkpoint: Path) -> tuple[Any, Any]:
+    """(model, processor) of the transformers PyTorch checkpoint, weights rounded to fp16 like the FP16 IR.
 
-    from bot.engine.template import ChatTemplate
+    Loaded once per checkpoint: generating never changes them, and every reference answer starts from the prompt.
+    """
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     config = AutoConfig.from_pretrained(checkpoint)
     model_class: Any = (
         LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
     )
     model = model_class.from_pretrained(checkpoint).half().float().eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    return model, AutoProcessor.from_pretrained(checkpoint)
+
+
+def reference_text(checkpoint: Path, conversation: list[Turn], new_tokens: int) -> str:
+    """Greedy answer of the transformers PyTorch model, weights rounded to fp16 like the FP16 IR."""
+    import torch
+
+    from bot.engine.template import ChatTemplate
+
+    model, processor = reference_model(checkpoint)
     text = processor.apply_chat_template(
         ChatTemplate.messages(conversation), add_generation_prompt=True, tokenize=False
     )
@@ -52,49 +64,67 @@ def conversation() -> list[Turn]:
     return [Turn("user", "What is unusual in this picture?", (ImageRef.from_image(sample_image()),))]
 
 
+async def _engines(folder: Path, ov_config: dict[str, str] | None) -> AsyncIterator[dict[str, Engine]]:
+    engines: dict[str, Engine] = {}
+    try:
+        for kind in ENGINES:
+            engines[kind] = await asyncio.to_thread(load_engine, kind, folder, "CPU", ov_config)
+        yield engines
+    finally:
+        for engine in engines.values():
+            await asyncio.to_thread(engine.close)
+
+
+@pytest.fixture(scope="module")
+async def exact(tiny_llava: tuple[Path, Path]) -> AsyncIterator[dict[str, Engine]]:
+    """Each engine on the FP16 folder in f32, shared by the tests that compare it with the reference."""
+    async for engines in _engines(tiny_llava[1] / "FP16", F32):
+        yield engines
+
+
+@pytest.fixture(scope="module")
+async def int4(tiny_llava: tuple[Path, Path]) -> AsyncIterator[dict[str, Engine]]:
+    """Each engine on the INT4 folder with its default settings, as a bot runs it."""
+    async for engines in _engines(tiny_llava[1] / "INT4", None):
+        yield engines
+
+
 @pytest.mark.parametrize("kind", ENGINES)
 async def test_fp16_matches_pytorch_reference(
-    tiny_llava: tuple[Path, Path], kind: str, conversation: list[Turn]
+    tiny_llava: tuple[Path, Path], kind: str, conversation: list[Turn], exact: dict[str, Engine]
 ) -> None:
-    checkpoint, out = tiny_llava
-    expected = reference_text(checkpoint, conversation, NEW_TOKENS)
+    expected = reference_text(tiny_llava[0], conversation, NEW_TOKENS)
     assert expected.strip(), "the reference produced no text; the fixture model is unusable"
-    engine = await asyncio.to_thread(load_engine, kind, out / "FP16", "CPU", F32)
-    try:
-        text, _ = await answer(engine, conversation, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    finally:
-        engine.close()
+    text, _ = await answer(exact[kind], conversation, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert text == expected
 
 
-async def test_follow_up_turns_match_reference(tiny_llava: tuple[Path, Path]) -> None:
+async def test_follow_up_turns_match_reference(tiny_llava: tuple[Path, Path], exact: dict[str, Engine]) -> None:
     """A multi-turn conversation renders through the chat template the same way in both engines."""
-    checkpoint, out = tiny_llava
     conversation = [
         Turn("user", "Describe the image.", (ImageRef.from_image(sample_image(seed=2)),)),
         Turn("assistant", "a red ball on the grass"),
         Turn("user", "And what colour is it?"),
     ]
-    expected = reference_text(checkpoint, conversation, 12)
+    expected = reference_text(tiny_llava[0], conversation, 12)
     for kind in ENGINES:
-        engine = await asyncio.to_thread(load_engine, kind, out / "FP16", "CPU", F32)
-        try:
-            text, _ = await answer(engine, conversation, max_new_tokens=12, ignore_eos=True)
-        finally:
-            engine.close()
+        text, _ = await answer(exact[kind], conversation, max_new_tokens=12, ignore_eos=True)
         assert text == expected, kind
 
 
 @pytest.mark.parametrize("kind", ENGINES)
 @pytest.mark.parametrize("precision", ["INT8", "INT4"])
 async def test_compressed_variants_generate(
-    tiny_llava: tuple[Path, Path], kind: str, precision: str, conversation: list[Turn]
+    tiny_llava: tuple[Path, Path], kind: str, precision: str, conversation: list[Turn], int4: dict[str, Engine]
 ) -> None:
-    engine = await asyncio.to_thread(load_engine, kind, tiny_llava[1] / precision)
-    try:
-        text, _ = await answer(engine, conversation, max_new_tokens=8, ignore_eos=True)
-    finally:
-        engine.close()
+    if precision == "INT4":
+        text, _ = await answer(int4[kind], conversation, max_new_tokens=8, ignore_eos=True)
+    else:
+        engine = await asyncio.to_thread(load_engine, kind, tiny_llava[1] / precision)
+        try:
+            text, _ = await answer(engine, conversation, max_new_tokens=8, ignore_eos=True)
+        finally:
+            engine.close()
     assert text.strip()
 
 
@@ -105,15 +135,29 @@ def test_compressed_language_model_sizes(tiny_llava: tuple[Path, Path]) -> None:
     assert size["INT4"] <= 0.35 * size["FP16"]
 
 
+def next_question(size: tuple[int, int]) -> list[Turn]:
+    return [Turn("user", "What is in the picture?", (ImageRef.from_image(sample_image(size)),))]
+
+
+# Wide, tall and square pictures land on different tile grids.
+NEXT_SIZES = ((160, 100), (60, 150), (112, 112))
+
+
+@pytest.fixture(scope="module")
+def next_references(tiny_llava_next: tuple[Path, Path]) -> dict[tuple[int, int], str]:
+    """The reference's answers about each picture size, computed once for both engines."""
+    return {size: reference_text(tiny_llava_next[0], next_question(size), 12) for size in NEXT_SIZES}
+
+
 @pytest.mark.parametrize("kind", ENGINES)
-async def test_llava_next_matches_reference(tiny_llava_next: tuple[Path, Path], kind: str) -> None:
-    checkpoint, out = tiny_llava_next
+async def test_llava_next_matches_reference(
+    tiny_llava_next: tuple[Path, Path], kind: str, next_references: dict[tuple[int, int], str]
+) -> None:
+    out = tiny_llava_next[1]
     engine = await asyncio.to_thread(load_engine, kind, out / "FP16", "CPU", F32)
     try:
-        # Wide, tall and square pictures land on different tile grids.
-        for size in ((160, 100), (60, 150), (112, 112)):
-            conversation = [Turn("user", "What is in the picture?", (ImageRef.from_image(sample_image(size)),))]
-            expected = reference_text(checkpoint, conversation, 12)
+        for size, expected in next_references.items():
+            conversation = next_question(size)
             text, _ = await answer(engine, conversation, max_new_tokens=12, ignore_eos=True)
             assert text == expected, size
     finally:
@@ -128,48 +172,45 @@ async def test_llava_next_matches_reference(tiny_llava_next: tuple[Path, Path], 
 
 @pytest.mark.parametrize("kind", ENGINES)
 async def test_streams_pieces_cancels_and_keeps_the_loop_free(
-    tiny_llava: tuple[Path, Path], kind: str, conversation: list[Turn]
+    kind: str, conversation: list[Turn], int4: dict[str, Engine]
 ) -> None:
-    engine = await asyncio.to_thread(load_engine, kind, tiny_llava[1] / "INT4")
-    try:
-        # The loop keeps ticking while a long answer is generated.
-        ticks: list[float] = []
-        stop = asyncio.Event()
+    engine = int4[kind]
+    # The loop keeps ticking while a long answer is generated.
+    ticks: list[float] = []
+    stop = asyncio.Event()
 
-        async def ticker() -> None:
-            while not stop.is_set():
-                ticks.append(time.monotonic())
-                await asyncio.sleep(0.005)
+    async def ticker() -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.005)
 
-        ticking = asyncio.create_task(ticker())
-        text, pieces = await answer(engine, conversation, max_new_tokens=200, ignore_eos=True)
-        stop.set()
-        await ticking
-        assert len(pieces) >= 5, "the answer arrived in one piece instead of streaming"
-        gaps = [b - a for a, b in itertools.pairwise(ticks)]
-        assert len(ticks) > 20 and max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.3f} s"
+    ticking = asyncio.create_task(ticker())
+    text, pieces = await answer(engine, conversation, max_new_tokens=200, ignore_eos=True)
+    stop.set()
+    await ticking
+    assert len(pieces) >= 5, "the answer arrived in one piece instead of streaming"
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert len(ticks) > 20 and max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.3f} s"
 
-        # Cancelling after a few pieces stops generation long before max_new_tokens.
-        stream = engine.generate(conversation, GenerationSettings(max_new_tokens=400, ignore_eos=True))
-        received = []
-        async for piece in stream:
-            received.append(piece)
-            if len(received) == 3:
-                stream.cancel()
-        await stream.done
-        assert stream.stats.new_tokens < 50
+    # Cancelling after a few pieces stops generation long before max_new_tokens.
+    stream = engine.generate(conversation, GenerationSettings(max_new_tokens=400, ignore_eos=True))
+    received = []
+    async for piece in stream:
+        received.append(piece)
+        if len(received) == 3:
+            stream.cancel()
+    await stream.done
+    assert stream.stats.new_tokens < 50
 
-        # Leaving the iteration early (the person's reply was deleted) also frees the engine.
-        stream = engine.generate(conversation, GenerationSettings(max_new_tokens=400, ignore_eos=True))
-        async for _ in stream:
-            break
-        await asyncio.wait_for(stream.done, 30)
+    # Leaving the iteration early (the person's reply was deleted) also frees the engine.
+    stream = engine.generate(conversation, GenerationSettings(max_new_tokens=400, ignore_eos=True))
+    async for _ in stream:
+        break
+    await asyncio.wait_for(stream.done, 30)
 
-        # The next request works and is complete.
-        again, _ = await answer(engine, conversation, max_new_tokens=200, ignore_eos=True)
-        assert again == text
-    finally:
-        engine.close()
+    # The next request works and is complete.
+    again, _ = await answer(engine, conversation, max_new_tokens=200, ignore_eos=True)
+    assert again == text
 
 
 async def test_manager_switches_variant_without_dropping_a_running_request(
