@@ -106,9 +106,8 @@ async def bench_bot(
 
     Returns the fields of :class:`benchmarks.schema.BotResult` (the raw engine speed and the ratio to it are
     filled in by the runner, which measured the engine alone). With ``base_url`` the bot uses the remote engine;
-    with ``barrier`` (ready file, go file) it waits between the warm-up and the measured questions. With
-    ``solo`` it first asks ``solo.runs`` measured questions alone (see :class:`Solo`), returned under "solo".
-    """
+    with ``barrier`` (ready file, go file) it waits between the warm-up and the measured questions; ``solo``: see
+    :class:`Solo`."""
     from bot.client import LlavaBot
     from bot.config import DiscordConfig, parse_config
     from bot.services import build_services
