@@ -4,8 +4,7 @@ The server runs the default engine on the same precision folder as the in-proces
 the HTTP hop (the request with its base64 picture, server-sent events back, the remote engine's bookkeeping).
 Each round alternates three arms, each a fresh ``benchmarks.whole_bot`` process with one warm-up question and
 one measured one: the in-process bot, one bot through the server, and two bot processes through the server
-asking at the same moment. A quick run takes its in-process arm from the bot row, measured the same way, and
-its one bot through the server is the first of the two, asking alone while the other waits, warmed up.
+asking at the same moment. A quick run takes its in-process arm from the bot row, measured the same way.
 The ratios come from the arms of the same round (see :mod:`benchmarks.pairing`). The server's own CPU time is
 the benchmark's, not a neighbour's, in each run's background-load figure.
 """
@@ -22,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -141,41 +140,28 @@ class LoadBesides(ForeignLoad):
         return ForeignLoad._own_seconds() + self._server.cpu_seconds()
 
 
-def run_together(
-    arg_lists: Sequence[Sequence[str]], log_path: Path, timeout: float, solo_runs: int = 0
-) -> list[dict[str, Any]]:
+def run_together(arg_lists: Sequence[Sequence[str]], log_path: Path, timeout: float) -> list[dict[str, Any]]:
     """Run several ``benchmarks.whole_bot`` processes whose measured questions start at the same moment.
 
-    Each process warms up, touches its ready file and waits; once all are ready the go file appears. With
-    ``solo_runs`` the first process asks that many measured questions alone before (its result's "solo").
+    Each process warms up, touches its ready file and waits; once all are ready the go file appears.
     """
     with tempfile.TemporaryDirectory(prefix="llava-bench-together-") as scratch, log_path.open("ab") as sink:
-        go, solo_go, solo_done = (Path(scratch) / name for name in ("go", "solo-go", "solo-done"))
+        go = Path(scratch) / "go"
         readies = [Path(scratch) / f"ready-{i}" for i in range(len(arg_lists))]
         results = [Path(scratch) / f"result-{i}.json" for i in range(len(arg_lists))]
         processes = []
-        for index, (args, ready, result) in enumerate(zip(arg_lists, readies, results, strict=True)):
+        for args, ready, result in zip(arg_lists, readies, results, strict=True):
             command = [sys.executable, "-m", "benchmarks.whole_bot", *args]
             command += ["--ready-file", str(ready), "--go-file", str(go), "--result", str(result)]
-            if solo_runs and index == 0:
-                command += ["--solo-runs", str(solo_runs), "--solo-go-file", str(solo_go)]
-                command += ["--solo-done-file", str(solo_done)]
             sink.write(f"$ {' '.join(command)}\n".encode())
             sink.flush()
             processes.append(subprocess.Popen(command, stdout=sink, stderr=sink, env=worker_env()))
         deadline = time.monotonic() + timeout
-
-        def wait_until(condition: Callable[[], bool]) -> None:
-            while not condition():
+        try:
+            while not all(r.exists() for r in readies):
                 if any(p.poll() is not None for p in processes) or time.monotonic() > deadline:
                     raise WorkerError(f"a bot process ended or hung before its measured question (log: {log_path})")
                 time.sleep(0.05)
-
-        try:
-            wait_until(lambda: all(r.exists() for r in readies))
-            if solo_runs:
-                solo_go.touch()
-                wait_until(solo_done.exists)
             go.touch()
             for process in processes:
                 process.wait(max(deadline - time.monotonic(), 1.0))
@@ -214,8 +200,7 @@ def _record(run: PairedRun, results: Sequence[dict[str, Any]]) -> None:
 
 def _reusable_bot_row(runner: Runner) -> tuple[dict[str, Any], float | None] | None:
     """The bot row of a quick run, which is the in-process arm's measurement: the same process arguments, one
-    measured question, taken just before the server started. A smoke run need not start that process twice, and
-    its one bot through the server is the first of the two bots, asking alone before they ask together."""
+    measured question, taken just before the server started. A smoke run need not start that process twice."""
     if runner.options.quick and runner.options.runs == 1:
         return runner.bot_measurement
     return None
@@ -237,34 +222,24 @@ def measure_remote(runner: Runner, folder: Path, precision: str, scratch: Path) 
             folder / precision, engine=engine, device=options.device, ov_config=serve_config,
             log_path=runner.logs / "serve.log",
         ) as server:  # fmt: skip
-            # Arms a quick run measured ahead: the bot row, and one bot within the two-bot processes.
-            ahead: dict[str, tuple[list[dict[str, Any]], float | None]] = {}
-            if reused is not None:
-                ahead[local.engine] = ([reused[0]], reused[1])
             for round_, arm in schedule([local, remote, two], rounds):
                 bot = runner.bot_args(folder, engine, precision, 1, scratch / f"cache-remote-{arm.engine}")
                 through = [*bot, "--base-url", server.base_url, "--remote-model", MODEL_NAME]
                 run = PairedRun(round=round_, engine=arm.engine, precision=precision)
                 load = LoadBesides(server)
-                share: float | None = None
                 try:
-                    if arm.engine in ahead:
-                        measured, share = ahead.pop(arm.engine)
+                    if arm is local and reused is not None:
+                        _record(run, [reused[0]])
                     elif arm is local:
-                        measured = [run_module("benchmarks.whole_bot", bot, log_path, options.worker_timeout_s)]
-                    elif arm is remote and reused is not None:
-                        together = run_together([through, through], log_path, options.worker_timeout_s, solo_runs=1)
-                        measured, share = [together[0]["solo"]], load.share()
-                        ahead[two.engine] = (together, share)
+                        _record(run, [run_module("benchmarks.whole_bot", bot, log_path, options.worker_timeout_s)])
                     elif arm is remote:
-                        measured = [run_module("benchmarks.whole_bot", through, log_path, options.worker_timeout_s)]
+                        _record(run, [run_module("benchmarks.whole_bot", through, log_path, options.worker_timeout_s)])
                     else:
-                        measured = run_together([through, through], log_path, options.worker_timeout_s)
-                    _record(run, measured)
+                        _record(run, run_together([through, through], log_path, options.worker_timeout_s))
                 except (WorkerError, KeyError, TypeError) as error:
                     log.error("round %d of %s failed: %s", round_ + 1, arm.engine, error)
                     run.error = str(error)
-                run.foreign_cpu_share = share if share is not None else load.share()
+                run.foreign_cpu_share = reused[1] if arm is local and reused is not None else load.share()
                 result.runs.append(run)
                 log.info(
                     "round %d, %s: first text after %s s, %s tok/s",

@@ -189,12 +189,7 @@ def _remote_section(remote: RemoteResult, quick: bool = False) -> list[str]:
         'the bot with the engine in its process, the bot with `model.engine = "openai"` against the server '
         "(same engine, same folder), and two such bots asking at the same moment. The server's CPU time counts "
         "as the benchmark's own in the load gap."
-        + (
-            " In quick mode the in-process arm is the bot row above, measured the same way, and one bot through the "
-            "server is the first of the two, asking alone before they ask together."
-            if quick
-            else ""
-        ),
+        + (" In quick mode the in-process arm is the bot row above, measured the same way." if quick else ""),
     ]
     if failed:
         lines += ["", "Failed runs: " + "; ".join(failed)]

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +99,13 @@ async def bench_bot(
     base_url: str | None = None,
     remote_model: str | None = None,
     barrier: tuple[Path, Path] | None = None,
-    solo: Solo | None = None,
 ) -> dict[str, Any]:
     """Ask the running bot ``runs`` questions, each with a new picture, after one unmeasured warm-up.
 
     Returns the fields of :class:`benchmarks.schema.BotResult` (the raw engine speed and the ratio to it are
     filled in by the runner, which measured the engine alone). With ``base_url`` the bot uses the remote engine;
-    with ``barrier`` (ready file, go file) it waits between the warm-up and the measured questions; ``solo``: see
-    :class:`Solo`."""
+    with ``barrier`` (ready file, go file) it waits between the warm-up and the measured questions.
+    """
     from bot.client import LlavaBot
     from bot.config import DiscordConfig, parse_config
     from bot.services import build_services
@@ -146,23 +144,9 @@ async def bench_bot(
                     LlavaBot(config, services, guild_ready_timeout=0.05), emulator, ready_timeout=_ANSWER_TIMEOUT_S
                 ) as bot,
             ):
-                return await _ask(bot, emulator, runs, barrier, solo)
+                return await _ask(bot, emulator, runs, barrier)
         finally:
             await services.close()
-
-
-@dataclass
-class Solo:
-    """Measured questions one process asks alone between the warm-up and the barrier.
-
-    The process touches its ready file after the warm-up as usual, waits for ``go`` (every process is ready, so
-    none is starting up meanwhile), asks its ``runs`` questions, touches ``done`` and then waits for the barrier's
-    go file. Two bot processes measure one bot and then both at once without starting a third.
-    """
-
-    runs: int
-    go: Path
-    done: Path
 
 
 async def _wait_for_go(barrier: tuple[Path, Path]) -> None:
@@ -175,35 +159,7 @@ async def _wait_for_go(barrier: tuple[Path, Path]) -> None:
         await asyncio.sleep(0.02)
 
 
-def _new_samples() -> dict[str, list[Any]]:
-    return {
-        "mention_to_first_text_s": [],
-        "mention_to_final_edit_s": [],
-        "bot_tokens_per_s": [],
-        "edits": [],
-        "new_tokens": [],
-        # [first token, last token, tokens] of each answer on the machine-wide monotonic clock, so the runner can
-        # merge the answers of several processes into one aggregate rate.
-        "decode_spans": [],
-    }
-
-
-def _summary(samples: dict[str, list[Any]], lags: list[float]) -> dict[str, Any]:
-    return {
-        "status": "measured",
-        "mention_to_first_text_s": median(samples["mention_to_first_text_s"]),
-        "mention_to_final_edit_s": median(samples["mention_to_final_edit_s"]),
-        "bot_tokens_per_s": median(samples["bot_tokens_per_s"]),
-        "loop_lag_p50_ms": percentile(lags, 50, scale=1000.0),
-        "loop_lag_p99_ms": percentile(lags, 99, scale=1000.0),
-        "edits_per_answer": median(samples["edits"]),
-        "samples": samples,
-    }
-
-
-async def _ask(
-    bot: Any, emulator: Any, runs: int, barrier: tuple[Path, Path] | None = None, solo: Solo | None = None
-) -> dict[str, Any]:
+async def _ask(bot: Any, emulator: Any, runs: int, barrier: tuple[Path, Path] | None = None) -> dict[str, Any]:
     streams: list[Any] = []
     answered: list[float] = []
     generate, answer = bot.model_manager.generate, bot.chat.answer
@@ -223,14 +179,20 @@ async def _ask(
     bot.model_manager.generate = recording_generate
     bot.chat.answer = recording_answer
     channel = emulator.channel_id
-    solo_runs = solo.runs if solo is not None else 0
-    phases: list[tuple[dict[str, list[Any]], list[float]]] = [(_new_samples(), []), (_new_samples(), [])]
-    for run in range(-1, solo_runs + runs):
-        if run == 0 and barrier is not None and solo is not None:
-            await _wait_for_go((barrier[0], solo.go))
-        if run == solo_runs and barrier is not None:
-            await _wait_for_go(barrier if solo is None else (solo.done, barrier[1]))
-        samples, lags = phases[0] if run < solo_runs else phases[1]
+    samples: dict[str, list[Any]] = {
+        "mention_to_first_text_s": [],
+        "mention_to_final_edit_s": [],
+        "bot_tokens_per_s": [],
+        "edits": [],
+        "new_tokens": [],
+        # [first token, last token, tokens] of each answer on the machine-wide monotonic clock, so the runner can
+        # merge the answers of several processes into one aggregate rate.
+        "decode_spans": [],
+    }
+    lags: list[float] = []
+    for run in range(-1, runs):
+        if run == 0 and barrier is not None:
+            await _wait_for_go(barrier)
         # Each question starts a fresh conversation, like the raw engine's new-image measurement.
         await bot.chat.reset(channel)
         image = _jpeg(_WARM_UP_SEED if run < 0 else _RUN_SEED + run)
@@ -262,16 +224,21 @@ async def _ask(
         samples["decode_spans"].append([stats.first_token, stats.finished, stats.new_tokens])
         lags.extend(lag.samples)
         log.info(
-            "run %d%s: first text after %.2f s, final edit after %.2f s",
+            "run %d: first text after %.2f s, final edit after %.2f s",
             run + 1,
-            " (alone)" if run < solo_runs else "",
             samples["mention_to_first_text_s"][-1],
             samples["mention_to_final_edit_s"][-1],
         )
-    result = _summary(*phases[1])
-    if solo is not None:
-        result["solo"] = _summary(*phases[0])
-    return result
+    return {
+        "status": "measured",
+        "mention_to_first_text_s": median(samples["mention_to_first_text_s"]),
+        "mention_to_final_edit_s": median(samples["mention_to_final_edit_s"]),
+        "bot_tokens_per_s": median(samples["bot_tokens_per_s"]),
+        "loop_lag_p50_ms": percentile(lags, 50, scale=1000.0),
+        "loop_lag_p99_ms": percentile(lags, 99, scale=1000.0),
+        "edits_per_answer": median(samples["edits"]),
+        "samples": samples,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,11 +256,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--remote-model", help="the model name the server knows")
     parser.add_argument("--ready-file", help="touched after the warm-up question")
     parser.add_argument("--go-file", help="the measured questions start once this file exists")
-    parser.add_argument(
-        "--solo-runs", type=int, default=0, help="questions asked alone before the barrier (with the next two)"
-    )
-    parser.add_argument("--solo-go-file", help="the questions asked alone start once this file exists")
-    parser.add_argument("--solo-done-file", help="touched after the questions asked alone")
     parser.add_argument("--result", help="write the JSON here instead of printing it")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -319,11 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 base_url=args.base_url,
                 remote_model=args.remote_model,
                 barrier=(Path(args.ready_file), Path(args.go_file)) if args.ready_file and args.go_file else None,
-                solo=(
-                    Solo(args.solo_runs, Path(args.solo_go_file), Path(args.solo_done_file))
-                    if args.solo_runs and args.solo_go_file and args.solo_done_file
-                    else None
-                ),
             )
         )
         result.update(engine="openai" if args.base_url else args.engine, precision=args.precision)
