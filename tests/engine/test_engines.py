@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import pytest
 
 from bot.engine.base import Engine, GenerationSettings, ImageRef, Turn
 from bot.engine.manager import ModelManager, load_engine
+from bot.loopwatch import LoopWatch
 from tests.conftest import F32, sample_image
 
 ENGINES = ("genai", "optimum")
@@ -57,6 +56,17 @@ async def answer(engine: Engine, conversation: list[Turn], **settings: Any) -> t
     stream = engine.generate(conversation, GenerationSettings(**settings))
     pieces = [piece async for piece in stream]
     return "".join(pieces), pieces
+
+
+# How often the loop watch asks to run while an engine generates: a blocked loop shows as one long lag.
+TICK = 0.005
+
+
+def assert_loop_kept_ticking(watch: LoopWatch) -> None:
+    """The loop ran the watch's timer throughout: many times, and never more than half a second apart."""
+    lag = watch.summary()
+    longest_gap = TICK + lag.worst_ms / 1000
+    assert lag.samples > 20 and longest_gap < 0.5, f"the event loop stalled for {longest_gap:.3f} s"
 
 
 @pytest.fixture(scope="module")
@@ -176,21 +186,12 @@ async def test_streams_pieces_cancels_and_keeps_the_loop_free(
 ) -> None:
     engine = int4[kind]
     # The loop keeps ticking while a long answer is generated.
-    ticks: list[float] = []
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        while not stop.is_set():
-            ticks.append(time.monotonic())
-            await asyncio.sleep(0.005)
-
-    ticking = asyncio.create_task(ticker())
+    watch = LoopWatch(interval=TICK)
+    watch.start()
     text, pieces = await answer(engine, conversation, max_new_tokens=200, ignore_eos=True)
-    stop.set()
-    await ticking
+    await watch.stop()
     assert len(pieces) >= 5, "the answer arrived in one piece instead of streaming"
-    gaps = [b - a for a, b in itertools.pairwise(ticks)]
-    assert len(ticks) > 20 and max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.3f} s"
+    assert_loop_kept_ticking(watch)
 
     # Cancelling after a few pieces stops generation long before max_new_tokens.
     stream = engine.generate(conversation, GenerationSettings(max_new_tokens=400, ignore_eos=True))
