@@ -32,6 +32,9 @@ CACHE = Path(
 CONVERSION_PACKAGES = ("torch", "transformers", "optimum", "optimum-intel", "nncf", "openvino", "openvino-tokenizers")
 # Exact comparison with the PyTorch reference needs f32 inference (the CPU defaults to bf16).
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+# Modules that load transformers' LLaVA classes (5-15 s of imports per process) or its PyTorch reference models
+# carry this mark; with `--dist loadgroup` they run in one test process, which pays for both once.
+USES_TRANSFORMERS = pytest.mark.xdist_group("transformers")
 
 
 def _cache_key(spec: object) -> str:

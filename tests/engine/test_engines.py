@@ -13,7 +13,9 @@ import pytest
 from bot.engine.base import Engine, GenerationSettings, ImageRef, Turn
 from bot.engine.manager import ModelManager, load_engine
 from bot.loopwatch import LoopWatch
-from tests.conftest import F32, sample_image
+from tests.conftest import F32, USES_TRANSFORMERS, sample_image
+
+pytestmark = USES_TRANSFORMERS
 
 ENGINES = ("genai", "optimum")
 NEW_TOKENS = 24

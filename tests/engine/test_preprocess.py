@@ -12,7 +12,9 @@ from PIL import Image
 from bot.engine import preprocess
 from bot.engine.base import EngineError, ImageRef, Turn
 from bot.engine.template import ChatTemplate
-from tests.conftest import sample_image
+from tests.conftest import USES_TRANSFORMERS, sample_image
+
+pytestmark = USES_TRANSFORMERS
 
 # (width, height): a single pixel, a 3-pixel-wide strip, a 3-pixel-high strip, a large photo, a not-quite
 # square and an exact CLIP-sized square.
