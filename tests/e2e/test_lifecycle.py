@@ -1,8 +1,12 @@
-"""Deploys and crashes, with the real `llava-bot run`: SIGTERM mid-answer, and kill -9 followed by a restart."""
+"""Deploys and crashes, with the real `llava-bot run`: SIGTERM mid-answer, and kill -9 followed by a restart.
+
+The scripted engine answers (tests/support/scripted.py): what is tested is the bot's process, not the model.
+Answers that must still be open when the test strikes are held after a set number of words (``hold_after``), so
+they are open on any machine.
+"""
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +26,11 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 RESTART_LINE = FAILURE_LINE.format(sentence=RESTARTING)
 CUT_OFF_LINE = FAILURE_LINE.format(sentence=CUT_OFF)
-# Long answers, so that each one is still streaming when the test strikes; the context window is 2048 tokens.
+# Before the crash, answers come at once (pace 0) and are held for good after HOLD_AFTER words: the mention's, some
+# 64 characters each 12 words, has grown into a second message by then. REPEAT makes the answers that long, LONG
+# lets them be.
+HOLD_AFTER = 450
+REPEAT = 60
 LONG = 1800
 # The follow-up after a restart need only be answered whole.
 SHORT = 32
@@ -61,11 +69,6 @@ async def ask_about_a_picture(emulator: DiscordEmulator) -> JSON:
 def closing_of(emulator: DiscordEmulator, messages: list[MessageRecord]) -> str:
     """A reply's text, with the sentence the bot put in a reply of its own when it no longer fit the message."""
     return text_of(messages) + "".join(m.content for m in replies_to(emulator, messages[-1].id))
-
-
-def stop_workers(pids: list[int], signum: int) -> None:
-    for pid in pids:
-        os.kill(pid, signum)
 
 
 # --- SIGTERM ---------------------------------------------------------------------------------------
@@ -107,11 +110,11 @@ async def test_sigterm_lets_a_running_answer_finish_and_turns_new_questions_away
     assert turns(emulator.second_channel_id) == []
 
 
-async def test_sigterm_closes_answers_that_outlast_the_grace_period(
-    tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
-) -> None:
-    config: dict[str, dict[str, Any]] = {"model": {"max_new_tokens": LONG}, "discord": {"shutdown_grace": 1.0}}
-    async with BotProcess(emulator, tiny_llava[1], tmp_path, config) as bot:
+async def test_sigterm_closes_answers_that_outlast_the_grace_period(tmp_path: Path, emulator: DiscordEmulator) -> None:
+    # Both answers pause after a few words and are never released: they outlast any grace period, on any machine.
+    held = {"engine": "scripted", "ov_config": {"hold_after": "3", "concurrency": "2"}}
+    config: dict[str, dict[str, Any]] = {"model": held, "discord": {"shutdown_grace": 1.0}}
+    async with BotProcess(emulator, tmp_path / "no-model", tmp_path, config) as bot:
         asked = await ask_about_a_picture(emulator)
         interaction = await emulator.slash_command(
             "ask", {"question": "Tell me a story."}, user=emulator.other_user, channel_id=emulator.second_channel_id
@@ -119,21 +122,14 @@ async def test_sigterm_closes_answers_that_outlast_the_grace_period(
         await emulator.wait_for(
             lambda: streaming(answer_messages(emulator, asked)) and streaming(response(emulator, interaction)), 120
         )
-        # A stopped model makes both answers outlast any grace period, on any machine.
-        workers = bot.worker_pids()
-        assert workers
-        stop_workers(workers, signal.SIGSTOP)
-        try:
-            await emulator.wait_quiet(0.5, 30)
-            shown = {
-                "mention": text_of(answer_messages(emulator, asked)),
-                "ask": text_of(response(emulator, interaction)),
-            }
-            bot.signal(signal.SIGTERM)
-            mention = await wait_answer(emulator, asked, within=60)
-            ask = await wait_response(emulator, interaction, within=60)
-        finally:
-            stop_workers(workers, signal.SIGCONT)
+        await emulator.wait_quiet(0.5, 30)
+        shown = {
+            "mention": text_of(answer_messages(emulator, asked)),
+            "ask": text_of(response(emulator, interaction)),
+        }
+        bot.signal(signal.SIGTERM)
+        mention = await wait_answer(emulator, asked, within=60)
+        ask = await wait_response(emulator, interaction, within=60)
         code = await bot.wait_exit(120)
     log = bot.log()
 
@@ -177,11 +173,10 @@ async def test_sigterm_while_starting_stops_before_the_bot_goes_online(
 
 
 # --- kill -9, then a restart -----------------------------------------------------------------------
-async def test_a_restart_closes_the_replies_a_crash_left_open(
-    tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
-) -> None:
-    config = {"model": {"max_new_tokens": LONG}}
-    async with BotProcess(emulator, tiny_llava[1], tmp_path, config) as bot:
+async def test_a_restart_closes_the_replies_a_crash_left_open(tmp_path: Path, emulator: DiscordEmulator) -> None:
+    held = {"hold_after": str(HOLD_AFTER), "repeat": str(REPEAT), "concurrency": "3", "pace": "0"}
+    config = {"model": {"engine": "scripted", "max_new_tokens": LONG, "ov_config": held}}
+    async with BotProcess(emulator, tmp_path / "no-model", tmp_path, config) as bot:
         asked = await ask_about_a_picture(emulator)
         fresh = await emulator.slash_command(
             "ask", {"question": "Tell me a story."}, user=emulator.other_user, channel_id=emulator.second_channel_id
@@ -189,7 +184,7 @@ async def test_a_restart_closes_the_replies_a_crash_left_open(
         stale = await emulator.slash_command(
             "ask", {"question": "Tell me another."}, user=emulator.admin, channel_id=emulator.thread_id
         )
-        # The mention's answer has grown into a second message; all three are mid-answer.
+        # The mention's answer has grown into a second message; all three are mid-answer, and held there.
         await emulator.wait_for(
             lambda: (
                 len(answer_messages(emulator, asked)) >= 2
@@ -199,12 +194,8 @@ async def test_a_restart_closes_the_replies_a_crash_left_open(
             ),
             180,
         )
-        workers = bot.worker_pids()
-        stop_workers(workers, signal.SIGSTOP)
         await emulator.wait_quiet(0.5, 30)
         bot.signal(signal.SIGKILL)
-        # The worker shares the bot's log pipe: the log only ends once it has gone too.
-        stop_workers(workers, signal.SIGKILL)
         assert await bot.wait_exit(30) == -signal.SIGKILL
         before = {
             "mention": [m.content for m in answer_messages(emulator, asked)],
@@ -216,7 +207,8 @@ async def test_a_restart_closes_the_replies_a_crash_left_open(
         emulator.expire_interaction_token(stale)
         restarted_at = len(emulator.requests)
 
-        bot.configure({"model": {"max_new_tokens": SHORT}})
+        # The restarted bot holds no answer back.
+        bot.configure({"model": {"max_new_tokens": SHORT, "ov_config": {}}})
         await bot.start()
         after = {
             "mention": await wait_answer(emulator, asked, within=60),
@@ -244,6 +236,8 @@ async def test_a_restart_closes_the_replies_a_crash_left_open(
         answer = await wait_answer(emulator, follow_up, within=300)
         assert MARKER not in text_of(answer)
         assert "⚠️" not in text_of(answer)
+        # The engine was asked with the picture from before the crash (its answer counts what it was shown).
+        assert "I see 1 picture(s)" in text_of(answer)
         assert await bot.stop() == 0
     log = bot.log()
     assert "Traceback" not in log

@@ -1,5 +1,8 @@
 """Two real `llava-bot run` processes (shards 0 and 1 of two) on one SQLite file: a start leaves alone the reply
-that the other, live process is writing, and closes it with a sentence once that process has been killed."""
+that the other, live process is writing, and closes it with a sentence once that process has been killed.
+
+The scripted engine answers (tests/support/scripted.py): what is tested is whose reply it is, not what it says.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,12 @@ from tests.e2e.test_stopping import wait_log
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-# Long enough that the answer is still being written when the test kills its process.
+# The answer is written a word every PACE seconds and then held for good after HOLD_AFTER words (REPEAT makes it
+# that long): it grows whenever its process runs, for a minute of running, far more than the test lets it run
+# between its signals, and it is still open when the test kills its process.
+PACE = 0.1
+HOLD_AFTER = 600
+REPEAT = 60
 LONG = 1800
 
 
@@ -28,7 +36,11 @@ def shard_config(shard: int, database_url: str) -> dict[str, dict[str, Any]]:
     return {
         # The survivor looks for replies of ended processes this often (10 s by default).
         "discord": {"shard_count": 2, "shard_ids": [shard], "recovery_interval": 0.5},
-        "model": {"engine": "genai", "max_new_tokens": LONG},
+        "model": {
+            "engine": "scripted",
+            "max_new_tokens": LONG,
+            "ov_config": {"pace": str(PACE), "hold_after": str(HOLD_AFTER), "repeat": str(REPEAT)},
+        },
         "database": {"url": database_url},
     }
 
@@ -42,7 +54,7 @@ async def open_reply_owners(database_url: str) -> list[str | None]:
 
 
 async def test_a_start_leaves_a_live_process_reply_alone_and_a_survivor_closes_it_once_killed(
-    tiny_llava: tuple[Path, Path], tmp_path: Path, emulator: DiscordEmulator
+    tmp_path: Path, emulator: DiscordEmulator
 ) -> None:
     people = [emulator.user, emulator.other_user, emulator.admin]
     guild = emulator.add_guild("On shard 0", guild_id=emulator.snowflake_on_shard(0, 2), members=people)
@@ -50,7 +62,8 @@ async def test_a_start_leaves_a_live_process_reply_alone_and_a_survivor_closes_i
     channel = guild.system_channel_id
     database_url = f"sqlite+aiosqlite:///{tmp_path / 'shared.sqlite3'}"
     writer, starter = (
-        BotProcess(emulator, tiny_llava[1], tmp_path / f"shard{s}", shard_config(s, database_url)) for s in (0, 1)
+        BotProcess(emulator, tmp_path / "no-model", tmp_path / f"shard{s}", shard_config(s, database_url))
+        for s in (0, 1)
     )
     try:
         await writer.start()

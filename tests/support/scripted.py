@@ -15,8 +15,10 @@ the test decides what the model says and sees what the model was asked.
 Settings come from ``model.ov_config`` (strings, as in a config file), so a ``llava-bot run`` child process
 (see :mod:`tests.support.run`) can be scripted too: ``pace`` (seconds between pieces, default 0.005),
 ``context_window`` (4096), ``image_tokens`` (tokens an image takes, 576), ``concurrency`` (1),
-``hold_after`` (every answer pauses after this many pieces ...) and ``release_file`` (... until this file
-exists).
+``hold_after`` (every answer pauses after this many pieces ...), ``release_file`` (... until this file
+exists; without one, until :meth:`ScriptedEngine.release`, which a child process never gets) and ``repeat``
+(an unscripted answer is :func:`default_answer` said this many times over, default 1; more make it long enough to
+fill several Discord messages).
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class ScriptedEngine(Engine):
         self.hold_after = int(hold_after) if hold_after is not None else None
         release_file = options.get("release_file")
         self.release_file = Path(release_file) if release_file else None
+        self.repeat = int(options.get("repeat", "1"))
         self.requests: list[Request] = []
         self.replies: deque[Reply] = deque()
         self.dead: str | None = None
@@ -171,7 +174,9 @@ class ScriptedEngine(Engine):
         stream = TextStream(loop)
         request = Request(tuple(conversation), settings)
         self.requests.append(request)
-        reply = self.replies.popleft() if self.replies else Reply(default_answer(conversation))
+        reply = (
+            self.replies.popleft() if self.replies else Reply(" ".join([default_answer(conversation)] * self.repeat))
+        )
         if self.hold_after is not None and reply.stall_after is None:
             reply = dataclasses.replace(reply, stall_after=self.hold_after)
         task = loop.create_task(self._stream(stream, request, reply), name="scripted-answer")

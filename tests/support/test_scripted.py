@@ -86,6 +86,15 @@ async def test_stalls_until_released_and_dies_on_cue(scripted_engine: str, tmp_p
     await manager.close()
 
 
+async def test_repeat_says_the_unscripted_answer_that_many_times(scripted_engine: str, tmp_path: Path) -> None:
+    manager = ModelManager(tmp_path, scripted_engine, ov_config={"repeat": "3", "pace": "0"})
+    await manager.switch("INT4")
+    question = [Turn("user", "Tell me a story.")]
+    once = default_answer(question)
+    assert await outcome(manager, question, GenerationSettings(max_new_tokens=100)) == (f"{once} {once} {once}", None)
+    await manager.close()
+
+
 def test_only_engines_that_say_so_load_without_a_folder(scripted_engine: str, tmp_path: Path) -> None:
     assert needs_model_folder("genai") and needs_model_folder("genai-batching") and needs_model_folder("optimum")
     assert not needs_model_folder("openai") and not needs_model_folder(scripted_engine)
