@@ -12,9 +12,11 @@ import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image, ImageDraw
+from xdist.scheduler import LoadFileScheduling
 
 from tests.postgres import PostgresServer
 
@@ -32,9 +34,24 @@ CACHE = Path(
 CONVERSION_PACKAGES = ("torch", "transformers", "optimum", "optimum-intel", "nncf", "openvino", "openvino-tokenizers")
 # Exact comparison with the PyTorch reference needs f32 inference (the CPU defaults to bf16).
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
-# Modules that load transformers' LLaVA classes (5-15 s of imports per process) or its PyTorch reference models
-# carry this mark; with `--dist loadgroup` they run in one test process, which pays for both once.
-USES_TRANSFORMERS = pytest.mark.xdist_group("transformers")
+# Modules that import transformers' LLaVA classes (5-15 s per process) or load its PyTorch reference models.
+USES_TRANSFORMERS = frozenset(
+    f"tests/engine/{name}.py" for name in ("test_engines", "test_batching", "test_preprocess", "test_chat_cli")
+)
+
+
+class _ModulesAndTransformers(LoadFileScheduling):
+    """`--dist loadfile`, except that the USES_TRANSFORMERS modules go to one test process together, which then
+    pays for transformers and the reference models once."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = super()._split_scope(nodeid)
+        return "transformers" if module in USES_TRANSFORMERS else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> LoadFileScheduling | None:
+    return _ModulesAndTransformers(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 def _cache_key(spec: object) -> str:

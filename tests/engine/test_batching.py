@@ -17,10 +17,8 @@ from bot.engine.batching import BatchingEngine, EmbedInputs, IncrementalText
 from bot.engine.manager import ModelManager, load_engine
 from bot.engine.template import ChatTemplate
 from bot.loopwatch import LoopWatch
-from tests.conftest import F32, USES_TRANSFORMERS, sample_image
+from tests.conftest import F32, sample_image
 from tests.engine.test_engines import TICK, answer, assert_loop_kept_ticking, reference_text
-
-pytestmark = USES_TRANSFORMERS
 
 KIND = "genai-batching"
 

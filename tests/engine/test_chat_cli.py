@@ -11,10 +11,8 @@ from pathlib import Path
 from PIL import Image
 
 from bot.engine.base import ImageRef, Turn
-from tests.conftest import ROOT, USES_TRANSFORMERS, sample_image
+from tests.conftest import ROOT, sample_image
 from tests.engine.test_engines import reference_text
-
-pytestmark = USES_TRANSFORMERS
 
 QUESTION = "What is unusual in this picture?"
 NEW_TOKENS = 24

@@ -13,9 +13,7 @@ import pytest
 from bot.engine.base import Engine, GenerationSettings, ImageRef, Turn
 from bot.engine.manager import ModelManager, load_engine
 from bot.loopwatch import LoopWatch
-from tests.conftest import F32, USES_TRANSFORMERS, sample_image
-
-pytestmark = USES_TRANSFORMERS
+from tests.conftest import F32, sample_image
 
 ENGINES = ("genai", "optimum")
 NEW_TOKENS = 24

@@ -12,9 +12,7 @@ from PIL import Image
 from bot.engine import preprocess
 from bot.engine.base import EngineError, ImageRef, Turn
 from bot.engine.template import ChatTemplate
-from tests.conftest import USES_TRANSFORMERS, sample_image
-
-pytestmark = USES_TRANSFORMERS
+from tests.conftest import sample_image
 
 # (width, height): a single pixel, a 3-pixel-wide strip, a 3-pixel-high strip, a large photo, a not-quite
 # square and an exact CLIP-sized square.
