@@ -36,7 +36,8 @@ CONVERSION_PACKAGES = ("torch", "transformers", "optimum", "optimum-intel", "nnc
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 # Modules that import transformers' LLaVA classes (5-15 s per process) or load its PyTorch reference models.
 USES_TRANSFORMERS = frozenset(
-    f"tests/engine/{name}.py" for name in ("test_engines", "test_batching", "test_preprocess", "test_chat_cli")
+    f"tests/engine/{name}.py"
+    for name in ("test_engines", "test_batching", "test_preprocess", "test_chat_cli", "test_convert", "test_synthetic")
 )
 
 
