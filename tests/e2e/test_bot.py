@@ -54,7 +54,7 @@ async def test_mention_with_image_streams_the_engine_answer(
     bot_config: Config, emulator: DiscordEmulator, reference: ReferenceEngines
 ) -> None:
     # Long enough to take a few edit intervals, and to need several messages.
-    bot_config.model.max_new_tokens = 1500
+    bot_config.model.max_new_tokens = 1000
     image = png()
     async with llava_bot(bot_config, emulator):
         asked = await emulator.user_message(
