@@ -1,5 +1,8 @@
 """Uploads and people's data through the real `llava-bot run`: several attachments, a reply to someone's
-picture, a spoiler, the rate limit, retention at start and /forget, all in one bot process."""
+picture, a spoiler, the rate limit, retention at start and /forget, all in one bot process.
+
+The scripted engine answers (tests/support/scripted.py): its answer says how many pictures the model was shown.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ class Running:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def running(tiny_llava: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
     """One bot that may read others' messages, limits questions and keeps 30 days, with a database that
     already holds a conversation from 45 days ago and one from 2 days ago."""
     data = tmp_path_factory.mktemp("run-people")
@@ -50,9 +53,9 @@ async def running(tiny_llava: tuple[Path, Path], tmp_path_factory: pytest.TempPa
         config: dict[str, dict[str, object]] = {
             "discord": {"message_content_intent": True},
             "chat": {"rate_limit": RATE, "retention_days": 30},
-            "model": {"engine": "genai-batching"},
+            "model": {"engine": "scripted"},
         }
-        async with BotProcess(emulator, tiny_llava[1], data, config) as bot:
+        async with BotProcess(emulator, data / "no-model", data, config) as bot:
             yield Running(bot, emulator, database)
         assert "Traceback" not in bot.log(), bot.log()
 
@@ -81,7 +84,9 @@ async def test_several_attachments_use_the_first_image_and_name_the_rest(running
     )  # fmt: skip
     answer = text_of(await wait_answer(emulator, asked, within=120))
     assert answer.rstrip().endswith("-# I looked only at photo.png; not used: notes.txt, other.jpg.")
-    assert answer.split("\n-# ")[0].strip(), "an answer came before the note"
+    assert answer.startswith("You asked 'What is in the picture?'; I see 1 picture(s)"), (
+        "an answer came before the note"
+    )
     stored = running.rows("SELECT data FROM images WHERE sha256 = ?", hashlib.sha256(photo).hexdigest())
     assert stored == [(photo,)], "the upload itself is what the bot keeps"
 
@@ -98,7 +103,7 @@ async def test_a_reply_to_someone_elses_picture_is_about_it(running: Running) ->
     )
     asked = await emulator.user_message(emulator.second_channel_id, emulator.admin, "what is it?", reply_to=shared)
     answer = text_of(await wait_answer(emulator, asked, within=120))
-    assert answer.strip()
+    assert answer.startswith("You asked 'what is it?'; I see 1 picture(s)"), answer
     assert replies_to(emulator, int(shared["id"])) == []
     question = running.rows("SELECT image_sha256 FROM turns WHERE text = 'what is it?'")
     assert question == [(hashlib.sha256(photo).hexdigest(),)]
@@ -156,4 +161,4 @@ async def test_ask_is_answered_by_the_running_process(running: Running) -> None:
         "ask", {"question": "What is it?", "image": ("a.png", png(seed=80), "image/png")}, user=emulator.admin
     )
     messages = await wait_response(emulator, interaction, within=120)
-    assert text_of(messages).strip()
+    assert text_of(messages).startswith("You asked 'What is it?'; I see 1 picture(s)")
