@@ -47,7 +47,6 @@ class LlavaBot(commands.Bot):
         # The services the cogs use, by their short names.
         self.store = services.store
         self.replies = services.replies
-        self.rules = services.rules
         self.model_manager = services.model_manager
         self.chat = services.chat
         self.http_session = services.http_session
